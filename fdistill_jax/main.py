@@ -1,0 +1,50 @@
+"""Command line: `python -m fdistill_jax.main --config=... --workdir=... --mode=...`.
+
+Each mode is a `run(config, workdir)` function in its own module, imported
+only when chosen so that a mode's heavy dependencies load only when needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from absl import app, flags
+from ml_collections import config_flags
+
+MODES = {
+    # mode: "module:function" taking (config, workdir)
+    "pipeline": "fdistill_jax.pipeline:run",
+    "train_teacher": "fdistill_jax.train:run_teacher",
+    "teacher_pass": "fdistill_jax.teacher_pass:run",
+    "distill": "fdistill_jax.train:run",
+    "evaluate": "fdistill_jax.evaluate:run",
+    "inspect": "fdistill_jax.records:inspect_main",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file (get_config(arg)).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, records and results.")
+_MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run.")
+
+
+def _resolve(mode: str):
+  module_name, fn_name = MODES[mode].split(":")
+  return getattr(importlib.import_module(module_name), fn_name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  config = _CONFIG.value
+  if config is None:
+    from configs import default
+
+    config = default.get_config()
+  _resolve(_MODE.value)(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
