@@ -12,17 +12,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 MODES = {
-    # mode: "module:function" taking (config, workdir)
-    "pipeline": "fdistill_jax.pipeline:run",
-    "train_teacher": "fdistill_jax.train:run_teacher",
-    "teacher_pass": "fdistill_jax.teacher_pass:run",
-    "distill": "fdistill_jax.train:run",
-    "evaluate": "fdistill_jax.evaluate:run",
-    "inspect": "fdistill_jax.records:inspect_main",
+  # mode: "module:function" taking (config, workdir)
+  "pipeline": "fdistill_jax.pipeline:run",
+  "train_teacher": "fdistill_jax.train:run_teacher",
+  "teacher_pass": "fdistill_jax.teacher_pass:run",
+  "distill": "fdistill_jax.train:run",
+  "evaluate": "fdistill_jax.evaluate:run",
+  "inspect": "fdistill_jax.records:inspect_main",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an ml_collections config file (get_config(arg)).", lock_config=True
+  "config", None, "Path to an ml_collections config file (get_config(arg)).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, records and results.")
 _MODE = flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run.")
