@@ -54,12 +54,18 @@ _MIN_DERIVED_TAIL = 1e-6
 
 
 def log_probs(logits: Array, temperature: float = 1.0) -> Array:
-  """float32 log-softmax of `logits [..., V]` at `temperature`, -inf made finite."""
-  x = jnp.asarray(logits).astype(jnp.float32)
+  """Log-softmax of `logits [..., V]` at `temperature`, in float32 (float64 stays
+  float64), with -inf made finite."""
+  x = _at_least_f32(logits)
   if temperature != 1.0:
     x = x / temperature
   x = jnp.where(x == -jnp.inf, NEG_INF, x)
   return jnp.maximum(jax.nn.log_softmax(x, axis=-1), NEG_INF)
+
+
+def _at_least_f32(x) -> Array:
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _plog(lx: Array, ly: Array) -> Array:
@@ -314,12 +320,12 @@ def topk_log_probs(
   Returns:
     (teacher, student) log-probs `[..., K + 1]`, the last bucket the tail.
   """
-  lp_k = jnp.maximum(jnp.asarray(teacher_topk_logprobs).astype(jnp.float32), NEG_INF)
+  lp_k = jnp.maximum(_at_least_f32(teacher_topk_logprobs), NEG_INF)
   if teacher_tail_logmass is None:
     head = jnp.sum(jnp.exp(lp_k), axis=-1)
     has_tail = head < 1.0 - _MIN_DERIVED_TAIL
     teacher_tail_logmass = jnp.where(has_tail, jnp.log1p(-jnp.where(has_tail, head, 0.0)), NEG_INF)
-  lp_tail = jnp.maximum(jnp.asarray(teacher_tail_logmass).astype(jnp.float32), NEG_INF)
+  lp_tail = jnp.maximum(_at_least_f32(teacher_tail_logmass), NEG_INF)
   lq = log_probs(student_logits, temperature)
   ids = jnp.asarray(teacher_topk_ids).astype(jnp.int32)
   lq_k = jnp.take_along_axis(lq, ids, axis=-1)
@@ -358,9 +364,10 @@ def topk_divergence(
 
 
 def weighted_sum(values: Array, weights: Array) -> tuple[Array, Array]:
-  """(sum values * weights, sum weights) in float32; the caller normalises."""
-  weights = jnp.asarray(weights).astype(jnp.float32)
-  return jnp.sum(values.astype(jnp.float32) * weights), jnp.sum(weights)
+  """(sum values * weights, sum weights) in float32 or wider; the caller normalises."""
+  values = _at_least_f32(values)
+  weights = jnp.asarray(weights).astype(values.dtype)
+  return jnp.sum(values * weights), jnp.sum(weights)
 
 
 def vocab_parallel_divergence(
@@ -380,7 +387,7 @@ def vocab_parallel_divergence(
   """
 
   def sharded_log_probs(logits):
-    x = jnp.asarray(logits).astype(jnp.float32)
+    x = _at_least_f32(logits)
     if temperature != 1.0:
       x = x / temperature
     x = jnp.where(x == -jnp.inf, NEG_INF, x)
