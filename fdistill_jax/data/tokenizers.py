@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
+import os
 
 
 class Tokenizer(abc.ABC):
@@ -46,3 +48,324 @@ class Tokenizer(abc.ABC):
   def fingerprint(self) -> str:
     """A short stable hash of the vocabulary, stored in record manifests."""
     return hashlib.sha256(self._fingerprint_bytes()).hexdigest()[:16]
+
+
+def _stop_at_eos(ids, eos_id: int, pad_id: int) -> list[int]:
+  """`ids` cut before the first EOS, with padding removed."""
+  out = []
+  for i in ids:
+    i = int(i)
+    if i == eos_id:
+      break
+    if i != pad_id:
+      out.append(i)
+  return out
+
+
+def _check_file(path: str, what: str) -> str:
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what}: expected a file at {path!r}, found nothing there.")
+  return path
+
+
+# ------------------------------------------------------------------------------
+# SentencePiece (T5 style).
+# ------------------------------------------------------------------------------
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece `.model` file, T5 style.
+
+  T5 reserves `extra_ids` sentinel ids (`<extra_id_0>` is the highest id)
+  above the SentencePiece vocabulary, so the model's embedding holds
+  `sp_vocab + extra_ids` rows. Special ids come from the model file; a model
+  trained without a pad piece (SentencePiece's default) pads with EOS unless
+  `pad_id` says otherwise.
+  """
+
+  def __init__(
+    self,
+    path: str,
+    *,
+    extra_ids: int = 0,
+    pad_id: int | None = None,
+    eos_id: int | None = None,
+    bos_id: int | None = None,
+  ):
+    import sentencepiece as spm
+
+    self._path = _check_file(path, "SentencePiece tokenizer")
+    with open(self._path, "rb") as f:
+      self._proto = f.read()
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    self._extra_ids = int(extra_ids)
+    sp_eos = self._sp.eos_id()
+    self._eos = int(eos_id) if eos_id is not None else sp_eos
+    if self._eos < 0:
+      raise ValueError(
+        f"SentencePiece model {self._path!r} has no EOS piece; pass eos_id in the tokenizer config."
+      )
+    sp_pad = self._sp.pad_id()
+    self._pad = int(pad_id) if pad_id is not None else (sp_pad if sp_pad >= 0 else self._eos)
+    sp_bos = self._sp.bos_id()
+    self._bos = int(bos_id) if bos_id is not None else (sp_bos if sp_bos >= 0 else None)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size() + self._extra_ids
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._sp.encode(text, out_type=int))
+
+  def decode(self, ids) -> str:
+    n = self._sp.get_piece_size()
+    # Sentinel ids have no piece; they are dropped as T5's vocabulary does.
+    kept = [i for i in _stop_at_eos(ids, self._eos, self._pad) if i < n]
+    return self._sp.decode(kept)
+
+  def _fingerprint_bytes(self) -> bytes:
+    return self._proto + f"extra_ids={self._extra_ids}".encode()
+
+
+# ------------------------------------------------------------------------------
+# Hugging Face tokenizer.json and GGUF byte-level BPE (both via `tokenizers`).
+# ------------------------------------------------------------------------------
+
+# Tokens tried, in order, when neither the config nor tokenizer_config.json
+# names a special token.
+_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>", "<|end_of_text|>", "[SEP]")
+_PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
+_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
+
+
+class _HFBackedTokenizer(Tokenizer):
+  """Shared behaviour of tokenizers run by the `tokenizers` package."""
+
+  def __init__(self, tok, *, eos_id, pad_id, bos_id, vocab_size, where: str):
+    self._tok = tok
+    self._where = where
+    n = tok.get_vocab_size(with_added_tokens=True)
+    self._vocab_size = int(vocab_size) if vocab_size is not None else n
+    if self._vocab_size < n:
+      raise ValueError(
+        f"Tokenizer {where}: vocab_size={self._vocab_size} is smaller than the "
+        f"{n} ids the tokenizer can produce."
+      )
+    if eos_id is None:
+      raise ValueError(
+        f"Tokenizer {where}: cannot tell the EOS token (tried {', '.join(_EOS_CANDIDATES)}); "
+        "pass eos_id in the tokenizer config."
+      )
+    self._eos = int(eos_id)
+    self._pad = int(pad_id) if pad_id is not None else self._eos
+    self._bos = None if bos_id is None else int(bos_id)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._vocab_size
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos
+
+  def encode(self, text: str) -> list[int]:
+    return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+  def decode(self, ids) -> str:
+    return self._tok.decode(_stop_at_eos(ids, self._eos, self._pad), skip_special_tokens=False)
+
+  def _fingerprint_bytes(self) -> bytes:
+    return self._tok.to_str().encode()
+
+
+def _token_id(tok, name) -> int | None:
+  if name is None:
+    return None
+  if isinstance(name, dict):  # tokenizer_config.json's AddedToken form
+    name = name.get("content")
+  return tok.token_to_id(name)
+
+
+def _first_present(tok, candidates) -> int | None:
+  for name in candidates:
+    i = tok.token_to_id(name)
+    if i is not None:
+      return i
+  return None
+
+
+class HFTokenizer(_HFBackedTokenizer):
+  """A Hugging Face `tokenizer.json` (file, or a folder that holds one).
+
+  Special ids, in order of precedence: the explicit arguments, the
+  `eos_token`/`pad_token`/`bos_token` of a `tokenizer_config.json` beside the
+  file, then well-known token strings.
+  """
+
+  def __init__(self, path: str, *, eos_id=None, pad_id=None, bos_id=None, vocab_size=None):
+    import tokenizers
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, "tokenizer.json")
+    path = _check_file(path, "Hugging Face tokenizer")
+    tok = tokenizers.Tokenizer.from_file(path)
+    cfg = {}
+    cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+      with open(cfg_path) as f:
+        cfg = json.load(f)
+
+    def pick(explicit, key, candidates):
+      if explicit is not None:
+        return explicit
+      i = _token_id(tok, cfg.get(key))
+      return i if i is not None else _first_present(tok, candidates)
+
+    super().__init__(
+      tok,
+      eos_id=pick(eos_id, "eos_token", _EOS_CANDIDATES),
+      pad_id=pick(pad_id, "pad_token", _PAD_CANDIDATES),
+      bos_id=pick(bos_id, "bos_token", _BOS_CANDIDATES),
+      vocab_size=vocab_size,
+      where=repr(path),
+    )
+
+
+# llama.cpp's names for the pre-tokenizer regexes (`tokenizer.ggml.pre`) that
+# this module reproduces. GPT-2's own split is ByteLevel's built-in regex.
+_LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+  r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _gguf_pre_tokenizer(pre: str, where: str):
+  from tokenizers import Regex, pre_tokenizers
+
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre in ("gpt2", "default", ""):
+    return byte_level
+  if pre == "smollm":
+    # SmolLM's tokenizer.json splits every digit before the GPT-2 regex.
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  if pre in ("llama-bpe", "llama3"):
+    return pre_tokenizers.Sequence(
+      [
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
+  raise ValueError(
+    f"GGUF tokenizer {where}: pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported "
+    "(supported: gpt2, smollm, llama-bpe). Export the model's tokenizer.json and use kind='hf'."
+  )
+
+
+class GGUFTokenizer(_HFBackedTokenizer):
+  """The byte-level BPE (`tokenizer.ggml.model == "gpt2"`) embedded in a GGUF file.
+
+  Rebuilt as a `tokenizers` BPE from `tokenizer.ggml.tokens` and `.merges`;
+  control tokens (token type 3, e.g. ChatML's `<|im_start|>`) are special
+  tokens, so chat markup in the text encodes to their single ids.
+  """
+
+  def __init__(self, path: str, *, eos_id=None, pad_id=None, bos_id=None, vocab_size=None):
+    import gguf
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, models
+
+    path = _check_file(path, "GGUF tokenizer")
+    where = repr(path)
+    fields = gguf.GGUFReader(path).fields
+
+    def field(key, default=None):
+      f = fields.get(key)
+      return default if f is None else f.contents()
+
+    kind = field("tokenizer.ggml.model")
+    if kind != "gpt2":
+      raise ValueError(
+        f"GGUF tokenizer {where}: tokenizer.ggml.model={kind!r}; only byte-level BPE ('gpt2') "
+        "is supported. Export the model's tokenizer.json and use kind='hf'."
+      )
+    tokens = field("tokenizer.ggml.tokens")
+    merges = field("tokenizer.ggml.merges")
+    types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merge_pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = _Tok(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _gguf_pre_tokenizer(field("tokenizer.ggml.pre", "gpt2"), where)
+    tok.decoder = decoders.ByteLevel()
+    # 3 = CONTROL, 4 = USER_DEFINED in llama.cpp's token types.
+    specials = [t for t, ty in zip(tokens, types, strict=True) if ty in (3, 4)]
+    tok.add_special_tokens(specials)
+
+    def special(explicit, key):
+      return explicit if explicit is not None else field(key)
+
+    self._meta = (path, len(tokens), len(merges))
+    super().__init__(
+      tok,
+      eos_id=special(eos_id, "tokenizer.ggml.eos_token_id"),
+      pad_id=special(pad_id, "tokenizer.ggml.padding_token_id"),
+      bos_id=special(bos_id, "tokenizer.ggml.bos_token_id"),
+      vocab_size=vocab_size,
+      where=where,
+    )
+
+
+# ------------------------------------------------------------------------------
+# Factory.
+# ------------------------------------------------------------------------------
+
+_KINDS = {
+  "sentencepiece": SentencePieceTokenizer,
+  "hf": HFTokenizer,
+  "gguf": GGUFTokenizer,
+}
+_OPTIONAL_KEYS = ("eos_id", "pad_id", "bos_id", "vocab_size", "extra_ids")
+
+
+def load_tokenizer(spec) -> Tokenizer:
+  """A tokenizer from a config (`ml_collections.ConfigDict` or dict).
+
+  `spec.kind` is one of `sentencepiece`, `hf`, `gguf`; `spec.path` the file
+  (or, for `hf`, a folder with `tokenizer.json`). Optional `eos_id`, `pad_id`,
+  `bos_id`, `vocab_size` override what the file says; `extra_ids` adds T5's
+  sentinel ids to a SentencePiece vocabulary.
+  """
+  get = spec.get if hasattr(spec, "get") else lambda k, d=None: getattr(spec, k, d)
+  kind = get("kind")
+  if kind not in _KINDS:
+    raise ValueError(
+      f"Tokenizer config: kind={kind!r} is not one of {sorted(_KINDS)} (config: {spec})."
+    )
+  path = get("path")
+  if not path:
+    raise ValueError(f"Tokenizer config: kind={kind!r} needs a path (config: {spec}).")
+  kwargs = {k: get(k) for k in _OPTIONAL_KEYS if get(k) is not None}
+  if "extra_ids" in kwargs and kind != "sentencepiece":
+    raise ValueError(f"Tokenizer config: extra_ids applies to kind='sentencepiece', not {kind!r}.")
+  return _KINDS[kind](path, **kwargs)
