@@ -1,0 +1,522 @@
+"""Teacher records: the TFRecord schema, atomic shard writes, manifests, checks.
+
+One `tf.train.Example` per input (schema version `SCHEMA_VERSION`):
+
+| feature | kind | content |
+|---|---|---|
+| `example_index` | int64 [1] | global example index |
+| `inputs` | int64 [S_i] | source tokens as the teacher saw them (unpadded) |
+| `targets` | int64 [T_i] | ground-truth targets, cut to `max_target_len` |
+| `teacher_lengths` | int64 [N] | length of each teacher sequence (EOS counted) |
+| `teacher_tokens` | bytes, int32 LE [N, T] | teacher sequences, `pad_id` after EOS |
+| `teacher_token_logprobs` | bytes, float32 LE [N, T] | teacher log-prob of each token |
+| `teacher_topk_logprobs` | bytes, bf16/f16 [N, T, K] | top-k log-probs, descending |
+| `teacher_topk_ids` | bytes, int32 LE [N, T, K] | their ids |
+| `teacher_tail_logmass` | bytes, float32 LE [N, T] | log of the mass outside the top-k |
+| `teacher_full_logprobs` | bytes, bf16/f16 [N, T, V] | optional (small vocabularies) |
+
+Fixed-size arrays are raw little-endian bytes because parsing a batch of byte
+strings is several times faster than parsing long int64/float lists; positions
+past a sequence's length hold zeros (pad ids), never leftovers.
+
+A record folder holds `shard-XXXXX-of-YYYYY.tfrecord` files, one
+`<shard>.COMPLETED` marker per finished shard (JSON: records, sha256), and
+`manifest.json`. Every file is written under a temporary name, fsynced and
+renamed, so a reader or a restarted pass never sees half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
+
+import ml_dtypes
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MARKER_SUFFIX = ".COMPLETED"
+LOGPROB_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class RecordError(ValueError):
+  """Records that do not match what the caller expects, or that are damaged."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSpec:
+  """The static shape of every record in one folder (stored in the manifest)."""
+
+  num_samples: int  # N teacher sequences per input
+  max_input_len: int  # S: the longest stored input
+  max_target_len: int  # T: teacher sequences are stored at exactly this length
+  top_k: int  # K
+  vocab_size: int  # V
+  logprob_dtype: str = "bfloat16"  # storage dtype of top-k (and full) log-probs
+  store_full_logprobs: bool = False  # also store [N, T, V] log-probs
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.logprob_dtype not in LOGPROB_DTYPES:
+      raise RecordError(
+        f"logprob_dtype must be one of {sorted(LOGPROB_DTYPES)}, found {self.logprob_dtype!r}"
+      )
+    if not 0 < self.top_k <= self.vocab_size:
+      raise RecordError(f"top_k must be in [1, vocab_size={self.vocab_size}], found {self.top_k}")
+
+  @property
+  def np_logprob_dtype(self):
+    return np.dtype(LOGPROB_DTYPES[self.logprob_dtype])
+
+
+# ---------------------------------------------------------------------------
+# Encoding and decoding one record.
+# ---------------------------------------------------------------------------
+
+
+def _tf_train():
+  # Imported lazily: writers in the teacher pass and the manifest tools must
+  # not pay TensorFlow's start-up for a protobuf class.
+  from tensorflow.core.example import example_pb2, feature_pb2
+
+  return example_pb2, feature_pb2
+
+
+def _fixed_arrays(spec: RecordSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Name -> (shape, storage dtype) of the fixed-size byte features."""
+  n, t, k, v = spec.num_samples, spec.max_target_len, spec.top_k, spec.vocab_size
+  lp = spec.np_logprob_dtype
+  arrays = {
+    "teacher_tokens": ((n, t), np.dtype("<i4")),
+    "teacher_token_logprobs": ((n, t), np.dtype("<f4")),
+    "teacher_topk_logprobs": ((n, t, k), lp),
+    "teacher_topk_ids": ((n, t, k), np.dtype("<i4")),
+    "teacher_tail_logmass": ((n, t), np.dtype("<f4")),
+  }
+  if spec.store_full_logprobs:
+    arrays["teacher_full_logprobs"] = ((n, t, v), lp)
+  return arrays
+
+
+def encode_example(
+  spec: RecordSpec,
+  *,
+  example_index: int,
+  inputs: np.ndarray,
+  targets: np.ndarray,
+  teacher_tokens: np.ndarray,
+  teacher_lengths: np.ndarray,
+  teacher_token_logprobs: np.ndarray,
+  teacher_topk_logprobs: np.ndarray,
+  teacher_topk_ids: np.ndarray,
+  teacher_tail_logmass: np.ndarray,
+  teacher_full_logprobs: np.ndarray | None = None,
+) -> bytes:
+  """Serialises one input's teacher outputs; shapes as in the module table."""
+  example_pb2, feature_pb2 = _tf_train()
+  inputs = np.asarray(inputs).reshape(-1)
+  targets = np.asarray(targets).reshape(-1)[: spec.max_target_len]
+  if inputs.size > spec.max_input_len:
+    raise RecordError(
+      f"example {example_index}: {inputs.size} input tokens, spec allows {spec.max_input_len}"
+    )
+  lengths = np.asarray(teacher_lengths, np.int64).reshape(-1)
+  if lengths.shape != (spec.num_samples,):
+    raise RecordError(f"teacher_lengths: expected [{spec.num_samples}], found {lengths.shape}")
+  values = dict(
+    teacher_tokens=teacher_tokens,
+    teacher_token_logprobs=teacher_token_logprobs,
+    teacher_topk_logprobs=teacher_topk_logprobs,
+    teacher_topk_ids=teacher_topk_ids,
+    teacher_tail_logmass=teacher_tail_logmass,
+  )
+  if spec.store_full_logprobs:
+    if teacher_full_logprobs is None:
+      raise RecordError("spec.store_full_logprobs is set but no full log-probs were given")
+    values["teacher_full_logprobs"] = teacher_full_logprobs
+
+  def ints(v):
+    return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=np.asarray(v).tolist()))
+
+  feature = {
+    "example_index": ints([example_index]),
+    "inputs": ints(inputs),
+    "targets": ints(targets),
+    "teacher_lengths": ints(lengths),
+  }
+  for name, (shape, dtype) in _fixed_arrays(spec).items():
+    array = np.asarray(values[name])
+    if array.shape != shape:
+      raise RecordError(f"example {example_index}: {name} expected {shape}, found {array.shape}")
+    raw = array.astype(dtype).tobytes()
+    feature[name] = feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[raw]))
+  example = example_pb2.Example(features=feature_pb2.Features(feature=feature))
+  return example.SerializeToString()
+
+
+def decode_example(spec: RecordSpec, serialized: bytes) -> dict[str, np.ndarray]:
+  """Inverse of `encode_example` in numpy; raises `RecordError` on any mismatch.
+
+  Log-probs come back in their storage dtype (bf16/f16), ids as int32.
+  """
+  example_pb2, _ = _tf_train()
+  try:
+    features = example_pb2.Example.FromString(serialized).features.feature
+  except Exception as e:  # protobuf raises its own DecodeError type
+    raise RecordError(f"not a tf.train.Example ({e})") from e
+  out = {}
+  for name in ("example_index", "inputs", "targets", "teacher_lengths"):
+    if name not in features:
+      raise RecordError(f"feature {name!r} missing")
+    out[name] = np.asarray(features[name].int64_list.value, np.int64)
+  if out["example_index"].shape != (1,):
+    raise RecordError(f"example_index: expected 1 value, found {out['example_index'].size}")
+  out["example_index"] = out["example_index"][0]
+  if out["teacher_lengths"].shape != (spec.num_samples,):
+    raise RecordError(
+      f"teacher_lengths: expected {spec.num_samples} values, found {out['teacher_lengths'].size}"
+    )
+  for name, (shape, dtype) in _fixed_arrays(spec).items():
+    values = features[name].bytes_list.value if name in features else []
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(values) != 1 or len(values[0]) != expected:
+      found = [len(v) for v in values]
+      raise RecordError(f"feature {name!r}: expected one {expected}-byte value, found {found}")
+    out[name] = np.frombuffer(values[0], dtype).reshape(shape)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Files: names, atomic writes, markers, manifest.
+# ---------------------------------------------------------------------------
+
+
+def shard_name(index: int, num_shards: int) -> str:
+  return f"shard-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def _fsync_dir(path: str):
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes):
+  """Writes `data` to `path` so that readers see all of it or nothing."""
+  directory = os.path.dirname(os.path.abspath(path))
+  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _fsync_dir(directory)
+
+
+def write_shard(directory: str, index: int, num_shards: int, records: Sequence[bytes]) -> dict:
+  """Writes one shard atomically, then its `.COMPLETED` marker; returns the marker."""
+  import tensorflow as tf
+
+  path = os.path.join(directory, shard_name(index, num_shards))
+  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  with tf.io.TFRecordWriter(tmp) as writer:
+    for r in records:
+      writer.write(r)
+  with open(tmp, "rb+") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _fsync_dir(directory)
+  marker = {"file": os.path.basename(path), "records": len(records), "sha256": digest}
+  atomic_write_bytes(path + MARKER_SUFFIX, json.dumps(marker).encode())
+  return marker
+
+
+def read_marker(directory: str, index: int, num_shards: int) -> dict | None:
+  """The marker of a finished shard, or None if the shard is not (fully) written."""
+  path = os.path.join(directory, shard_name(index, num_shards))
+  if not (os.path.exists(path + MARKER_SUFFIX) and os.path.exists(path)):
+    return None
+  with open(path + MARKER_SUFFIX) as f:
+    return json.load(f)
+
+
+def remove_stale_temporaries(directory: str, names: Iterable[str]):
+  """Deletes temporary files a killed writer left behind for the given shards."""
+  names = set(names)
+  for entry in os.listdir(directory):
+    base = entry.split(".tmp-")[0]
+    if ".tmp-" in entry and (base in names or base.removesuffix(MARKER_SUFFIX) in names):
+      os.remove(os.path.join(directory, entry))
+
+
+def write_manifest(directory: str, manifest: dict):
+  atomic_write_bytes(
+    os.path.join(directory, MANIFEST_NAME), json.dumps(manifest, indent=2).encode()
+  )
+
+
+def read_manifest(directory: str) -> dict:
+  path = os.path.join(directory, MANIFEST_NAME)
+  if not os.path.exists(path):
+    raise RecordError(f"no {MANIFEST_NAME} in {directory}: not a teacher-record folder")
+  with open(path) as f:
+    manifest = json.load(f)
+  version = manifest.get("schema_version")
+  if version != SCHEMA_VERSION:
+    raise RecordError(
+      f"{path}: schema_version {version}, this code reads version {SCHEMA_VERSION}; "
+      "rerun the teacher pass with this version"
+    )
+  return manifest
+
+
+def spec_from_manifest(manifest: dict) -> RecordSpec:
+  return RecordSpec(**manifest["spec"])
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Damage: find the bad record, or recover the good ones.
+# ---------------------------------------------------------------------------
+
+
+def _crc_table():
+  table = []
+  for n in range(256):
+    c = n
+    for _ in range(8):
+      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+    table.append(c)
+  return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+  """TFRecord's masked crc32c (pure Python: used on 8-byte headers only)."""
+  crc = 0xFFFFFFFF
+  for b in data:
+    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+@dataclasses.dataclass
+class ShardScan:
+  """What a record-by-record read of one shard found."""
+
+  path: str
+  good: int = 0  # records that read and decode
+  bad: list = dataclasses.field(default_factory=list)  # (record index, byte offset, reason)
+  records: list | None = None  # the good records, when asked for
+  unreadable_tail: bool = False  # framing broke: records after `bad[-1]` are lost
+
+  def describe(self) -> str:
+    index, offset, reason = self.bad[0]
+    return f"{self.path}: record {index} (byte offset {offset}): {reason}"
+
+
+def _tf_read(path: str):
+  """All records TensorFlow can read from `path`, and whether it stopped on damage."""
+  import tensorflow as tf
+
+  records = []
+  try:
+    for r in tf.data.TFRecordDataset(path):
+      records.append(r.numpy())
+  except tf.errors.DataLossError:
+    return records, True
+  return records, False
+
+
+def scan_shard(path: str, spec: RecordSpec, keep_records: bool = False) -> ShardScan:
+  """Reads a shard record by record, checking framing, CRCs and the schema.
+
+  TensorFlow checks each frame's CRCs; after a bad data CRC whose length
+  header is intact, reading resumes at the next frame (from a temporary copy
+  of the rest of the file), so one flipped byte costs one record.
+  """
+  scan = ShardScan(path, records=[] if keep_records else None)
+  size = os.path.getsize(path)
+  index = offset = 0
+  source = path
+  with tempfile.TemporaryDirectory() as tmpdir:
+    while True:
+      records, damaged = _tf_read(source)
+      for r in records:
+        try:
+          decode_example(spec, r)
+        except RecordError as e:
+          scan.bad.append((index, offset, f"record does not match the schema: {e}"))
+        else:
+          scan.good += 1
+          if keep_records:
+            scan.records.append(r)
+        index += 1
+        offset += len(r) + 16
+      if not damaged:
+        return scan
+      with open(path, "rb") as f:
+        f.seek(offset)
+        header = f.read(12)
+        if len(header) < 12:
+          reason = f"truncated: file ends inside a record header ({size} bytes)"
+          scan.bad.append((index, offset, reason))
+          scan.unreadable_tail = True
+          return scan
+        (length,) = struct.unpack("<Q", header[:8])
+        if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+          reason = "corrupt length header; the rest of the shard is unreadable"
+          scan.bad.append((index, offset, reason))
+          scan.unreadable_tail = True
+          return scan
+        end = offset + 16 + length
+        if end > size:
+          scan.bad.append((index, offset, f"truncated: record needs {end} bytes, file has {size}"))
+          scan.unreadable_tail = True
+          return scan
+        scan.bad.append((index, offset, "data checksum (crc32c) mismatch"))
+        index += 1
+        offset = end
+        f.seek(offset)
+        source = os.path.join(tmpdir, f"rest-{offset}.tfrecord")
+        with open(source, "wb") as rest:
+          rest.write(f.read())
+
+
+def check_shard(path: str, spec: RecordSpec, expected_records: int, expected_sha256: str | None):
+  """Raises `RecordError` naming the file (and the record, when one is bad)."""
+  if not os.path.exists(path):
+    raise RecordError(f"{path}: shard listed in the manifest is missing")
+  if expected_sha256 is not None and file_sha256(path) == expected_sha256:
+    return
+  scan = scan_shard(path, spec)
+  if scan.bad:
+    raise RecordError(scan.describe())
+  if scan.good != expected_records:
+    raise RecordError(
+      f"{path}: holds {scan.good} records, the manifest lists {expected_records} "
+      f"(record {min(scan.good, expected_records)} is the first missing or extra one)"
+    )
+  if expected_sha256 is None:
+    return
+  raise RecordError(
+    f"{path}: sha256 differs from the manifest's {expected_sha256} although every record "
+    "reads: the file was rewritten after the pass"
+  )
+
+
+# ---------------------------------------------------------------------------
+# Folder life cycle: open (or reopen) for a pass, finalise when all shards are in.
+# ---------------------------------------------------------------------------
+
+# Manifest fields that make up a pass's identity: a restart must match them all.
+_STATUS_FIELDS = ("status", "shards")
+
+
+def open_folder(directory: str, header: dict):
+  """Starts a pass in `directory`, or checks that a restart repeats the same pass.
+
+  `header` holds everything but the shard list: schema_version, spec, teacher,
+  tokenizer_fingerprint, sampler, seed, records_per_shard, num_examples,
+  num_shards, task. Mixing records of two different passes would be silent
+  garbage, so any difference from an existing manifest raises.
+  """
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, MANIFEST_NAME)
+  header = json.loads(json.dumps(header))  # normalise tuples etc. as JSON would
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = json.load(f)
+    old = {k: v for k, v in existing.items() if k not in _STATUS_FIELDS}
+    if old != header:
+      diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+      raise RecordError(
+        f"{path} belongs to a different teacher pass (fields differ: {diff}); "
+        "use another output folder or delete this one"
+      )
+    return
+  write_manifest(directory, {**header, "status": "incomplete", "shards": []})
+
+
+def finalize_manifest(directory: str) -> dict:
+  """Lists every shard's marker in the manifest and marks the folder complete."""
+  path = os.path.join(directory, MANIFEST_NAME)
+  with open(path) as f:
+    manifest = json.load(f)
+  num_shards, per_shard = manifest["num_shards"], manifest["records_per_shard"]
+  shards, missing = [], []
+  for i in range(num_shards):
+    marker = read_marker(directory, i, num_shards)
+    if marker is None:
+      missing.append(shard_name(i, num_shards))
+      continue
+    shards.append({**marker, "first_example": i * per_shard})
+  if missing:
+    raise RecordError(f"{directory}: shards not written yet: {missing}")
+  total = sum(s["records"] for s in shards)
+  if total != manifest["num_examples"]:
+    raise RecordError(
+      f"{directory}: shards hold {total} records, the pass expected {manifest['num_examples']}"
+    )
+  manifest.update(status="complete", shards=shards)
+  write_manifest(directory, manifest)
+  return manifest
+
+
+def records_dir(config, workdir: str) -> str:
+  """Where the teacher pass of `config` writes (and the trainer reads) records."""
+  tp = config.teacher_pass
+  return tp.get("out_dir") or os.path.join(workdir, "teacher_records", tp.get("split", "train"))
+
+
+def inspect_main(config, workdir: str, num_records: int = 3):
+  """`--mode=inspect`: summarises a record folder and prints a few records as text."""
+  import tensorflow as tf
+
+  directory = records_dir(config, workdir)
+  manifest = read_manifest(directory)
+  spec = spec_from_manifest(manifest)
+  print(f"records: {directory}")
+  for key in ("status", "teacher", "task", "tokenizer_fingerprint", "sampler", "seed"):
+    print(f"  {key}: {manifest.get(key)}")
+  print(f"  spec: {dataclasses.asdict(spec)}")
+  total = sum(s["records"] for s in manifest["shards"])
+  print(f"  {len(manifest['shards'])} of {manifest['num_shards']} shards, {total} records")
+  tokenizer = None
+  if "task" in config:
+    from fdistill_jax.data import tasks
+
+    tokenizer = tasks.get_task(config.task).tokenizer
+  if tokenizer is not None and tokenizer.fingerprint() != manifest["tokenizer_fingerprint"]:
+    print(f"  warning: task tokenizer {tokenizer.fingerprint()} differs from the records'")
+  text = (lambda ids: tokenizer.decode(list(ids))) if tokenizer else (lambda ids: list(ids))
+  if not manifest["shards"]:
+    return
+  first = os.path.join(directory, manifest["shards"][0]["file"])
+  for raw in tf.data.TFRecordDataset(first).take(num_records):
+    r = decode_example(spec, raw.numpy())
+    print(f"\nexample {r['example_index']}")
+    print(f"  input:  {text(r['inputs'])}")
+    print(f"  target: {text(r['targets'])}")
+    for n in range(spec.num_samples):
+      length = r["teacher_lengths"][n]
+      logprob = float(r["teacher_token_logprobs"][n, :length].sum())
+      print(f"  teacher[{n}] (log p {logprob:.2f}): {text(r['teacher_tokens'][n, :length])}")
