@@ -1,0 +1,75 @@
+"""The functional model API every other module uses (see docs/internals.md "Models").
+
+All functions take the `nnx.Module` from `build_model`; inside `jax.jit` pass
+`(graphdef, state)` from `nnx.split(model)` and `nnx.merge` them first.
+Nothing here mutates the model, so merged copies are safe to discard.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fdistill_jax.models.config import ModelConfig
+from fdistill_jax.models.decoder import DecoderOnly
+from fdistill_jax.models.encdec import EncoderDecoder
+from fdistill_jax.models.layers import ModelOutput
+
+Model = EncoderDecoder | DecoderOnly
+
+
+def build_model(config, rngs: nnx.Rngs | int = 0) -> Model:
+  """A randomly initialised model for `config` (a `ModelConfig` or a ConfigDict)."""
+  cfg = ModelConfig.from_config(config)
+  if isinstance(rngs, int):
+    rngs = nnx.Rngs(params=rngs)
+  return EncoderDecoder(cfg, rngs) if cfg.is_encoder_decoder else DecoderOnly(cfg, rngs)
+
+
+def forward(model: Model, inputs, input_mask, targets, target_mask=None) -> ModelOutput:
+  """Teacher-forced pass.
+
+  inputs [B, S] int, input_mask [B, S], targets [B, T] int (no start token),
+  target_mask [B, T] (unused by the model; causal masking suffices) ->
+  ModelOutput(logits [B, T, V] float32 where logits[:, t] predicts
+  targets[:, t], hidden [B, T, D], layer_hidden num_layers x [B, T, D]).
+  """
+  return model.forward(inputs, input_mask, targets, target_mask)
+
+
+def output_head(model: Model):
+  """(W [D, V], scale) with logits = scale * hidden @ W (float32 accumulation)."""
+  return model.head()
+
+
+def score(model: Model, inputs, input_mask, targets, target_mask):
+  """Per-token log-probs [B, T] float32 of `targets` (0 where target_mask is 0)."""
+  logits = forward(model, inputs, input_mask, targets, target_mask).logits
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  token_logp = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return token_logp * target_mask.astype(jnp.float32)
+
+
+def start_tokens(model: Model, inputs, input_mask):
+  """[B] int32 tokens for the first `decode_step`: decoder start id, or last prompt token."""
+  if isinstance(model, DecoderOnly):
+    return model.start_tokens(inputs, input_mask).astype(jnp.int32)
+  return jnp.full((inputs.shape[0],), model.config.start_id, jnp.int32)
+
+
+def init_decode_state(model: Model, inputs, input_mask, max_len: int):
+  """Encodes the source (or prefills the prompt) and allocates a cache for `max_len` steps.
+
+  The state is a dict pytree whose every leaf has the batch on axis 0, so it
+  can be repeated or reordered with `jnp.take(leaf, idx, axis=0)`. Enc-dec:
+  {cache, cross, cross_mask, kv_mask, index}; decoder-only: {cache, kv_mask,
+  index, pos}. `cache` is a tuple over layers of {"k", "v"} [B, slots, KVH, Dh].
+  Decoding more than `max_len` steps is not supported (writes would be dropped).
+  """
+  return model.init_decode_state(inputs, input_mask, max_len)
+
+
+def decode_step(model: Model, state, tokens):
+  """Feeds tokens [B] int32 -> (logits [B, V] float32 for the next token, new state)."""
+  return model.decode_step(state, tokens.astype(jnp.int32))
