@@ -47,7 +47,8 @@ def _perturb(model: torch.nn.Module, seed: int):
   """Random values everywhere, so a swapped or missed tensor changes the logits.
 
   Default initialisation leaves norms at 1 and biases at 0, which would hide
-  a converter that drops them.
+  a converter that drops them. BART's `final_logits_bias` buffer stays zero,
+  as in published checkpoints (the converter refuses a nonzero one).
   """
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -61,8 +62,6 @@ def _perturb(model: torch.nn.Module, seed: int):
         p.copy_(0.5 * noise)
       else:
         p.copy_(0.25 * noise)
-    if hasattr(model, "final_logits_bias"):
-      model.final_logits_bias.copy_(0.2 * torch.randn(model.final_logits_bias.shape, generator=g))
 
 
 def _batch(rng, pad_id, eos_id, lo, prompt_lengths=(S, S - 2), target_lengths=(T, T - 2)):

@@ -1,0 +1,187 @@
+"""Hugging Face checkpoints -> project models: parity with PyTorch and actionable errors.
+
+The fixtures (tests/fixtures/hf/, built by tests/make_fixtures.py with torch +
+transformers) hold tiny random models and the logits PyTorch computed for a
+fixed batch; here they are loaded without torch.
+"""
+
+import json
+import os
+import shutil
+
+import chex
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy as stnp
+
+from fdistill_jax.convert.hf import ConversionError, hf_model_config, load_hf
+from fdistill_jax.convert.params import model_params
+from fdistill_jax.models import forward
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+NAMES = ["t5", "t5_v1_1", "bart", "mbart", "llama", "llama_tied", "gpt2"]
+
+
+def _reference(folder):
+  return dict(np.load(os.path.join(folder, "reference.npz")))
+
+
+def _max_err(model, ref):
+  out = forward(model, ref["inputs"], ref["input_mask"], ref["targets"], ref["target_mask"])
+  chex.assert_shape(out.logits, ref["logits"].shape)
+  diff = np.abs(np.asarray(out.logits) - ref["logits"]) * ref["target_mask"][..., None]
+  return float(diff.max())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_pytorch(name):
+  folder = os.path.join(FIXTURES, name)
+  model, config = load_hf(folder)
+  ref = _reference(folder)
+  assert config.vocab_size == ref["logits"].shape[-1]
+  assert _max_err(model, ref) <= 1e-4
+
+
+def test_config_mapping():
+  t5 = hf_model_config(json.load(open(os.path.join(FIXTURES, "t5_v1_1", "config.json"))))
+  assert (t5.family, t5.activation, t5.pad_id, t5.eos_id, t5.start_id) == (
+    "t5",
+    "gated-gelu",
+    0,
+    1,
+    0,
+  )
+  assert (t5.relative_attention_num_buckets, t5.relative_attention_max_distance) == (8, 16)
+  mbart = hf_model_config(json.load(open(os.path.join(FIXTURES, "mbart", "config.json"))))
+  assert mbart.normalize_before and mbart.scale_embedding and mbart.start_id == 2
+  llama = hf_model_config(
+    json.load(open(os.path.join(FIXTURES, "llama", "config.json"))), dtype="bfloat16"
+  )
+  assert (llama.kv_heads, llama.rope_theta, llama.tie_embeddings, llama.dtype) == (
+    2,
+    500.0,
+    False,
+    "bfloat16",
+  )
+
+
+def _copy(name, tmp_path):
+  dst = tmp_path / name
+  shutil.copytree(os.path.join(FIXTURES, name), dst)
+  return dst
+
+
+def _edit_tensors(folder, fn):
+  path = str(folder / "model.safetensors")
+  tensors = dict(stnp.load_file(path))
+  fn(tensors)
+  os.remove(path)
+  stnp.save_file(tensors, path)
+
+
+def _edit_config(folder, fn):
+  path = folder / "config.json"
+  cfg = json.loads(path.read_text())
+  fn(cfg)
+  path.write_text(json.dumps(cfg))
+
+
+def test_missing_tensor_is_named(tmp_path):
+  folder = _copy("llama", tmp_path)
+  _edit_tensors(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  with pytest.raises(ConversionError, match=r"Missing tensor 'model\.layers\.1\.mlp\.up_proj"):
+    load_hf(folder)
+
+
+def test_wrong_shape_is_named_with_file(tmp_path):
+  folder = _copy("gpt2", tmp_path)
+
+  def shrink(t):
+    t["transformer.h.0.mlp.c_fc.weight"] = t["transformer.h.0.mlp.c_fc.weight"][:, :10]
+
+  _edit_tensors(folder, shrink)
+  with pytest.raises(ConversionError) as e:
+    load_hf(folder)
+  msg = str(e.value)
+  assert "transformer.h.0.mlp.c_fc.weight" in msg and "model.safetensors" in msg
+  assert "(32, 64)" in msg and "(32, 10)" in msg
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+  folder = _copy("bart", tmp_path)
+  _edit_tensors(folder, lambda t: t.update({"model.encoder.extra_adapter.weight": np.ones(3)}))
+  with pytest.raises(ConversionError, match=r"Unexpected tensors .*extra_adapter"):
+    load_hf(folder)
+
+
+def test_config_disagreeing_with_weights(tmp_path):
+  folder = _copy("t5", tmp_path)
+  _edit_config(folder, lambda c: c.update(num_layers=3, num_decoder_layers=3))
+  with pytest.raises(ConversionError, match=r"Missing tensor 'encoder\.block\.2\."):
+    load_hf(folder)
+
+
+def test_unknown_architecture(tmp_path):
+  folder = _copy("gpt2", tmp_path)
+  _edit_config(folder, lambda c: c.update(model_type="bert", architectures=["BertModel"]))
+  with pytest.raises(ConversionError, match=r"config\.json: unknown architecture .*'bert'"):
+    load_hf(folder)
+
+
+def test_unsupported_config_feature(tmp_path):
+  folder = _copy("llama", tmp_path)
+  _edit_config(folder, lambda c: c.update(rope_parameters={"rope_type": "llama3", "factor": 8.0}))
+  with pytest.raises(ConversionError, match="llama3"):
+    load_hf(folder)
+
+
+def test_nonzero_final_logits_bias_is_refused(tmp_path):
+  folder = _copy("bart", tmp_path)
+  _edit_tensors(folder, lambda t: t["final_logits_bias"].__setitem__((0, 5), 0.5))
+  with pytest.raises(ConversionError, match="final_logits_bias .* nonzero"):
+    load_hf(folder)
+
+
+def test_folder_without_safetensors(tmp_path):
+  folder = _copy("gpt2", tmp_path)
+  os.rename(folder / "model.safetensors", folder / "pytorch_model.bin")
+  with pytest.raises(ConversionError, match="pytorch_model.bin"):
+    load_hf(folder)
+  with pytest.raises(ConversionError, match="config.json"):
+    load_hf(tmp_path / "nowhere")
+
+
+def test_sharded_checkpoint(tmp_path):
+  """Two shards plus model.safetensors.index.json load like the single file."""
+  folder = _copy("llama", tmp_path)
+  tensors = dict(stnp.load_file(str(folder / "model.safetensors")))
+  os.remove(folder / "model.safetensors")
+  names = sorted(tensors)
+  shards = {
+    "model-00001-of-00002.safetensors": names[::2],
+    "model-00002-of-00002.safetensors": names[1::2],
+  }
+  weight_map = {}
+  for shard, keys in shards.items():
+    stnp.save_file({k: tensors[k] for k in keys}, str(folder / shard))
+    weight_map.update({k: shard for k in keys})
+  (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  model, _ = load_hf(folder)
+  assert _max_err(model, _reference(folder)) <= 1e-4
+
+
+def test_bfloat16_checkpoint_and_param_dtype(tmp_path):
+  """BF16 tensors (which safetensors' numpy API cannot return) load exactly."""
+  folder = _copy("gpt2", tmp_path)
+  original = dict(stnp.load_file(str(folder / "model.safetensors")))
+  _edit_tensors(folder, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
+  model, config = load_hf(folder, param_dtype="bfloat16")
+  assert config.param_dtype == "bfloat16"
+  params = model_params(model)
+  emb = params["embed.embedding"]
+  assert emb.dtype == ml_dtypes.bfloat16
+  expected = original["transformer.wte.weight"].astype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(emb.astype(np.float32), expected.astype(np.float32))
+  # Rounding every weight to bf16 moves the logits a little, not a lot.
+  assert _max_err(model, _reference(folder)) < 0.1
