@@ -49,7 +49,9 @@ def make_mesh(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None = None
   now defaults to Explicit axis types.
   """
   devices = list(jax.devices() if devices is None else devices)
-  items = list((shape or {"data": -1}).items() if isinstance(shape, Mapping) else shape)
+  shape = {"data": -1} if shape is None else shape
+  shape = shape.to_dict() if hasattr(shape, "to_dict") else shape
+  items = list(shape.items() if isinstance(shape, Mapping) else shape)
   names = tuple(name for name, _ in items)
   sizes = [int(size) for _, size in items]
   known = math.prod(s for s in sizes if s != -1)
