@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import safetensors.numpy as stnp
 
+from fdistill_jax.convert import copy_layers, load_pretrained, spread_layers, tokenizer_spec
 from fdistill_jax.convert.hf import ConversionError, hf_model_config, load_hf
 from fdistill_jax.convert.params import model_params
-from fdistill_jax.models import forward
+from fdistill_jax.models import build_model, forward, get_preset
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 NAMES = ["t5", "t5_v1_1", "bart", "mbart", "llama", "llama_tied", "gpt2"]
@@ -185,3 +186,69 @@ def test_bfloat16_checkpoint_and_param_dtype(tmp_path):
   np.testing.assert_array_equal(emb.astype(np.float32), expected.astype(np.float32))
   # Rounding every weight to bf16 moves the logits a little, not a lot.
   assert _max_err(model, _reference(folder)) < 0.1
+
+
+# ------------------------------------------------------------------------------
+# Students from teacher layers, and the config entry point.
+# ------------------------------------------------------------------------------
+
+
+def test_copy_layers_encoder_decoder():
+  teacher = build_model(get_preset("bart-tiny", num_encoder_layers=4, num_layers=3), 0)
+  student_cfg = get_preset("bart-tiny", num_encoder_layers=2, num_layers=1)
+  student = copy_layers(teacher, student_cfg, encoder_layers=[0, 3], decoder_layers=[2])
+  t, s = model_params(teacher), model_params(student)
+  assert len(s) < len(t)
+  for name, value in s.items():
+    source = name.replace("encoder.layers.1.", "encoder.layers.3.").replace(
+      "decoder.layers.0.", "decoder.layers.2."
+    )
+    np.testing.assert_array_equal(value, t[source], err_msg=name)
+  assert not np.array_equal(
+    s["encoder.layers.1.mlp.wi.kernel"], t["encoder.layers.1.mlp.wi.kernel"]
+  )
+
+
+def test_copy_all_layers_in_order_reproduces_the_teacher():
+  folder = os.path.join(FIXTURES, "gpt2")
+  teacher, config = load_hf(folder)
+  student = copy_layers(teacher, config, decoder_layers=[0, 1])
+  ref = _reference(folder)
+  args = (ref["inputs"], ref["input_mask"], ref["targets"], ref["target_mask"])
+  np.testing.assert_array_equal(forward(student, *args).logits, forward(teacher, *args).logits)
+  # One layer of two: a different model, with the teacher's second layer.
+  small = copy_layers(teacher, config.replace(num_layers=1), decoder_layers=[1])
+  np.testing.assert_array_equal(
+    model_params(small)["layers.0.mlp.wo.kernel"], model_params(teacher)["layers.1.mlp.wo.kernel"]
+  )
+
+
+def test_copy_layers_errors_and_spread():
+  assert spread_layers(12, 3) == [0, 6, 11]
+  assert spread_layers(24, 4) == [0, 8, 15, 23]
+  assert spread_layers(6, 1) == [0]
+  teacher = build_model(get_preset("llama-tiny"), 0)
+  with pytest.raises(ConversionError, match=r"out of range; the teacher has 2 layers"):
+    copy_layers(teacher, get_preset("llama-tiny"), decoder_layers=[0, 5])
+  with pytest.raises(ConversionError, match="picks 1 layers, but the student config has 2"):
+    copy_layers(teacher, get_preset("llama-tiny"), decoder_layers=[1])
+  with pytest.raises(ConversionError, match="decoder-only"):
+    copy_layers(teacher, get_preset("llama-tiny"), encoder_layers=[0], decoder_layers=[0, 1])
+  with pytest.raises(ConversionError, match="family"):
+    copy_layers(teacher, get_preset("gpt2-tiny"), decoder_layers=[0, 1])
+
+
+def test_load_pretrained_dispatches_and_finds_tokenizer(tmp_path):
+  folder = _copy("llama", tmp_path)
+  model, config = load_pretrained({"path": str(folder), "dtype": "bfloat16"})
+  assert config.dtype == "bfloat16" and config.family == "llama"
+  with pytest.raises(ConversionError, match="No tokenizer.json or spiece.model"):
+    tokenizer_spec({"path": str(folder)})
+  (folder / "spiece.model").write_bytes(b"")
+  assert tokenizer_spec({"path": str(folder), "kind": "hf"})["kind"] == "sentencepiece"
+  (folder / "tokenizer.json").write_text("{}")
+  assert tokenizer_spec({"path": str(folder)}) == {"kind": "hf", "path": str(folder)}
+  with pytest.raises(ConversionError, match="without config.json"):
+    load_pretrained({"path": str(tmp_path)})
+  with pytest.raises(ConversionError, match="kind='onnx'"):
+    load_pretrained({"path": str(folder), "kind": "onnx"})

@@ -1,1 +1,95 @@
-"""Loading real pretrained teachers from local files: Hugging Face folders and GGUF files."""
+"""Loading real pretrained teachers from local files: Hugging Face folders and GGUF files.
+
+`load_pretrained(spec)` is the one entry point configs use; `spec` is a
+ConfigDict or dict:
+
+  kind: "hf" (a folder with config.json + *.safetensors) or "gguf" (a file);
+        "auto" (default) tells them apart by the path.
+  path: the folder or file.
+  any ModelConfig field (dtype, param_dtype, ...) overrides what the
+  checkpoint says.
+
+`tokenizer_spec(spec)` gives the matching `load_tokenizer` config: the GGUF's
+embedded BPE, or the folder's tokenizer.json / spiece.model.
+See docs/loading.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fdistill_jax.convert.gguf import load_gguf
+from fdistill_jax.convert.hf import load_hf
+from fdistill_jax.convert.params import ConversionError
+from fdistill_jax.convert.student_init import copy_layers, spread_layers
+
+__all__ = [
+  "ConversionError",
+  "copy_layers",
+  "detect_kind",
+  "load_gguf",
+  "load_hf",
+  "load_pretrained",
+  "spread_layers",
+  "tokenizer_spec",
+]
+
+
+def _as_dict(spec) -> dict:
+  return spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
+
+
+def detect_kind(path: str) -> str:
+  """ "gguf" for a .gguf file, "hf" for a folder with config.json; else ConversionError."""
+  path = os.fspath(path)
+  if os.path.isfile(path) and path.endswith(".gguf"):
+    return "gguf"
+  if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+    return "hf"
+  raise ConversionError(
+    f"Pretrained path {path!r}: expected a .gguf file or a Hugging Face folder with "
+    "config.json; found "
+    + (
+      "a folder without config.json."
+      if os.path.isdir(path)
+      else "a file that is not .gguf."
+      if os.path.isfile(path)
+      else "nothing."
+    )
+  )
+
+
+def load_pretrained(spec):
+  """(model, ModelConfig) from a pretrained-teacher spec (see the module docstring)."""
+  values = _as_dict(spec)
+  path = values.pop("path", None)
+  if not path:
+    raise ConversionError(f"Pretrained spec needs a path; got {values}.")
+  kind = values.pop("kind", "auto") or "auto"
+  if kind == "auto":
+    kind = detect_kind(path)
+  if kind == "hf":
+    return load_hf(path, **values)
+  if kind == "gguf":
+    return load_gguf(path, **values)
+  raise ConversionError(f"Pretrained spec: kind={kind!r} is not one of 'hf', 'gguf', 'auto'.")
+
+
+def tokenizer_spec(spec) -> dict:
+  """The `load_tokenizer` config that goes with a pretrained spec."""
+  values = _as_dict(spec)
+  path = os.fspath(values["path"])
+  kind = values.get("kind", "auto") or "auto"
+  if kind == "auto":
+    kind = detect_kind(path)
+  if kind == "gguf":
+    return {"kind": "gguf", "path": path}
+  if os.path.isfile(os.path.join(path, "tokenizer.json")):
+    return {"kind": "hf", "path": path}
+  spiece = os.path.join(path, "spiece.model")
+  if os.path.isfile(spiece):
+    # T5 checkpoints size the embedding for 100 sentinel ids beyond the model file.
+    return {"kind": "sentencepiece", "path": spiece, "extra_ids": 100}
+  raise ConversionError(
+    f"No tokenizer.json or spiece.model in {path!r}; set the task's tokenizer explicitly."
+  )
