@@ -40,22 +40,21 @@ def _as_dict(spec) -> dict:
 
 
 def detect_kind(path: str) -> str:
-  """ "gguf" for a .gguf file, "hf" for a folder with config.json; else ConversionError."""
+  """Says "gguf" for a .gguf file, "hf" for a folder with config.json; else raises."""
   path = os.fspath(path)
   if os.path.isfile(path) and path.endswith(".gguf"):
     return "gguf"
   if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
     return "hf"
+  if os.path.isdir(path):
+    found = "a folder without config.json"
+  elif os.path.isfile(path):
+    found = "a file that is not .gguf"
+  else:
+    found = "nothing"
   raise ConversionError(
     f"Pretrained path {path!r}: expected a .gguf file or a Hugging Face folder with "
-    "config.json; found "
-    + (
-      "a folder without config.json."
-      if os.path.isdir(path)
-      else "a file that is not .gguf."
-      if os.path.isfile(path)
-      else "nothing."
-    )
+    f"config.json; found {found}."
   )
 
 
