@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import safetensors.numpy as stnp
 
-from fdistill_jax.convert import copy_layers, load_pretrained, spread_layers, tokenizer_spec
+from fdistill_jax.convert import (
+  copy_layers,
+  load_pretrained,
+  spread_layers,
+  student_from_teacher,
+  tokenizer_spec,
+)
 from fdistill_jax.convert.hf import ConversionError, hf_model_config, load_hf
 from fdistill_jax.convert.params import model_params
 from fdistill_jax.models import build_model, forward, get_preset
@@ -252,3 +258,31 @@ def test_load_pretrained_dispatches_and_finds_tokenizer(tmp_path):
     load_pretrained({"path": str(tmp_path)})
   with pytest.raises(ConversionError, match="kind='onnx'"):
     load_pretrained({"path": str(folder), "kind": "onnx"})
+
+
+def test_student_from_teacher_config():
+  teacher = build_model(get_preset("t5-tiny", num_encoder_layers=3, num_layers=3), 0)
+  init = {"encoder_layers": [0, 2], "decoder_layers": [1]}
+  student, config = student_from_teacher(teacher, init, dtype="bfloat16")
+  assert (config.encoder_layers, config.num_layers, config.dtype) == (2, 1, "bfloat16")
+  np.testing.assert_array_equal(
+    model_params(student)["decoder.layers.0.self_attn.query.kernel"],
+    model_params(teacher)["decoder.layers.1.self_attn.query.kernel"],
+  )
+  with pytest.raises(ConversionError, match="encoder_layers is required"):
+    student_from_teacher(teacher, {"decoder_layers": [0]})
+
+
+def test_teacher_hf_config_example():
+  from configs import teacher_hf
+
+  config = teacher_hf.get_config(os.path.join(FIXTURES, "bart"))
+  teacher, teacher_cfg = load_pretrained(config.teacher.pretrained)
+  assert (teacher_cfg.family, teacher_cfg.dtype) == ("bart", "bfloat16")
+  # The fixture has 2+2 layers, not BART-large's 12+12.
+  config.student.init.encoder_layers = [1]
+  student, student_cfg = student_from_teacher(teacher, config.student.init)
+  assert (student_cfg.encoder_layers, student_cfg.num_layers) == (1, 1)
+  assert config.task.tokenizer.kind == "hf" and config.task.tokenizer.path.endswith("bart")
+  with pytest.raises(ValueError, match="needs the checkpoint folder"):
+    teacher_hf.get_config()

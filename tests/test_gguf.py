@@ -19,6 +19,7 @@ import safetensors.numpy as stnp
 from flax import nnx
 
 from fdistill_jax import models
+from fdistill_jax.convert import load_pretrained, student_from_teacher
 from fdistill_jax.convert.gguf import load_gguf, unpermute_rope_rows
 from fdistill_jax.convert.hf import convert_tensors, hf_model_config
 from fdistill_jax.convert.params import ConversionError, TensorSource, assemble, model_params
@@ -216,13 +217,27 @@ def greedy(model, prompt_ids, max_len, eos_id):
   "the real SmolLM2-135M-Instruct GGUF",
 )
 def test_smollm2_answers_paris():
-  path = smollm2_path()
-  model, config = load_gguf(path)
-  assert (config.num_layers, config.d_model, config.num_heads, config.kv_heads) == (30, 576, 9, 3)
-  assert config.tie_embeddings and config.rope_theta == 100000.0
-  tok = load_tokenizer({"kind": "gguf", "path": path})
-  assert tok.vocab_size == config.vocab_size and tok.eos_id == config.eos_id
-  answer = tok.decode(
-    greedy(model, tok.encode(CHATML.format("What is the capital of France?")), 16, tok.eos_id)
+  from configs import teacher_gguf
+
+  config = teacher_gguf.get_config()
+  path = config.teacher.pretrained.path
+  assert path == smollm2_path()
+  model, model_cfg = load_pretrained(config.teacher.pretrained)
+  assert (model_cfg.num_layers, model_cfg.d_model, model_cfg.num_heads, model_cfg.kv_heads) == (
+    30,
+    576,
+    9,
+    3,
   )
+  assert model_cfg.tie_embeddings and model_cfg.rope_theta == 100000.0
+  tok = load_tokenizer(config.task.tokenizer)
+  assert tok.vocab_size == model_cfg.vocab_size and tok.eos_id == model_cfg.eos_id
+  prompt = tok.encode(CHATML.format("What is the capital of France?"))
+  answer = tok.decode(greedy(model, prompt, 16, tok.eos_id))
   assert "Paris" in answer, answer
+  # The example student: 4 of the 30 layers.
+  student, student_cfg = student_from_teacher(model, config.student.init)
+  assert student_cfg.num_layers == 4
+  np.testing.assert_array_equal(
+    model_params(student)["layers.3.mlp.wo.kernel"], model_params(model)["layers.29.mlp.wo.kernel"]
+  )

@@ -21,7 +21,7 @@ import os
 from fdistill_jax.convert.gguf import load_gguf
 from fdistill_jax.convert.hf import load_hf
 from fdistill_jax.convert.params import ConversionError
-from fdistill_jax.convert.student_init import copy_layers, spread_layers
+from fdistill_jax.convert.student_init import copy_layers, spread_layers, student_from_teacher
 
 __all__ = [
   "ConversionError",
@@ -31,6 +31,7 @@ __all__ = [
   "load_hf",
   "load_pretrained",
   "spread_layers",
+  "student_from_teacher",
   "tokenizer_spec",
 ]
 

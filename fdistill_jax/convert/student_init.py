@@ -120,3 +120,26 @@ def copy_layers(
       )
     out[name] = np.asarray(flat[source])
   return assemble(student, out, "the teacher (copy_layers)")
+
+
+def student_from_teacher(teacher, init, **overrides):
+  """(student model, its ModelConfig) from a teacher model and a config's `student.init`.
+
+  `init` (ConfigDict or dict) holds `encoder_layers` (encoder-decoders) and
+  `decoder_layers`: the teacher layers to copy. The student's config is the
+  teacher's with those layer counts; `overrides` change other fields that do
+  not touch parameter shapes (e.g. `dtype`).
+  """
+  values = init.to_dict() if hasattr(init, "to_dict") else dict(init)
+  enc, dec = values.get("encoder_layers"), values.get("decoder_layers")
+  if dec is None:
+    raise ConversionError(f"student init {values}: decoder_layers is required.")
+  changes = dict(num_layers=len(dec), **overrides)
+  if teacher.config.is_encoder_decoder:
+    if enc is None:
+      raise ConversionError(
+        f"student init {values}: encoder_layers is required for a seq2seq teacher."
+      )
+    changes["num_encoder_layers"] = len(enc)
+  config = teacher.config.replace(**changes)
+  return copy_layers(teacher, config, encoder_layers=enc, decoder_layers=dec), config
