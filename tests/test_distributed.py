@@ -1,0 +1,380 @@
+"""fdistill_jax.distributed: start-up plans, helpers, and a real two-process run.
+
+The two-process test starts this file as a worker (`python
+tests/test_distributed.py --worker OUT_DIR`) in two subprocesses with 4 fake
+CPU devices each, joined by `jax.distributed` over localhost with gloo
+collectives, and checks that they compute what one 8-device process and a
+float64 numpy reference compute.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Inputs of the worker computation, shared with the numpy reference.
+GLOBAL_ROWS, FEATURES, OUT = 8, 6, 4
+
+
+def _inputs():
+  x = (np.arange(GLOBAL_ROWS * FEATURES, dtype=np.float64).reshape(GLOBAL_ROWS, FEATURES) - 20) / 17
+  w = np.cos(np.arange(FEATURES * OUT, dtype=np.float64)).reshape(FEATURES, OUT)
+  return x, w
+
+
+def _reference():
+  """float64 numpy values of everything the worker computes."""
+  x, w = _inputs()
+  y = np.tanh(x @ w)  # [rows, out]
+  # loss = mean((x @ w)^2); d/dw = 2 x^T (x w) / (rows * out)
+  grad = 2 * x.T @ (x @ w) / (GLOBAL_ROWS * OUT)
+  return {
+    "psum": np.float64(sum(range(8))),
+    "total": x.sum(),
+    "colsum": y.sum(axis=0),
+    "grad": grad,
+  }
+
+
+def _worker(out_dir: str) -> None:
+  """One process of the multi-process run (also the single-process baseline)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from fdistill_jax import distributed
+
+  plan = distributed.initialize()
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  replicated = NamedSharding(mesh, P())
+  x, w = _inputs()
+  x, w = x.astype(np.float32), w.astype(np.float32)
+
+  # Each process supplies only its own rows; the global array is [8, 6].
+  rows = distributed.process_slice(GLOBAL_ROWS)
+  batch = distributed.make_global_batch({"x": x[rows]}, mesh, P("data"))
+  xg = batch["x"]
+  wg = jax.make_array_from_callback(w.shape, NamedSharding(mesh, P(None, "model")), lambda i: w[i])
+  ids = np.arange(8, dtype=np.float32)
+  idg = jax.make_array_from_callback(
+    (8,), NamedSharding(mesh, P(("data", "model"))), lambda i: ids[i]
+  )
+
+  psum = jax.jit(
+    jax.shard_map(
+      lambda a: jax.lax.psum(a, ("data", "model")),
+      mesh=mesh,
+      in_specs=P(("data", "model")),
+      out_specs=P(),
+    ),
+    out_shardings=replicated,
+  )(idg)
+  total = jax.jit(jnp.sum, out_shardings=replicated)(xg)
+  colsum = jax.jit(lambda a, b: jnp.tanh(a @ b).sum(axis=0), out_shardings=replicated)(xg, wg)
+  grad = jax.jit(jax.grad(lambda b, a: jnp.mean((a @ b) ** 2)), out_shardings=replicated)(wg, xg)
+
+  np.savez(
+    os.path.join(out_dir, f"out_{jax.process_index()}.npz"),
+    method=plan.method,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    device_count=jax.device_count(),
+    local_device_count=jax.local_device_count(),
+    global_shape=np.array(xg.shape),
+    psum=np.asarray(psum)[0],
+    total=np.asarray(total),
+    colsum=np.asarray(colsum),
+    grad=np.asarray(grad),
+    shards=np.array(list(distributed.local_shard_range(5))),
+  )
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+  sys.path.insert(0, REPO)
+  _worker(sys.argv[2])
+  sys.exit(0)
+
+
+# ---------------------------------------------------------------------------
+# Tests.
+# ---------------------------------------------------------------------------
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec  # noqa: E402
+
+from fdistill_jax import distributed  # noqa: E402
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _clean_env(devices: int) -> dict[str, str]:
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("FDISTILL_", "SLURM_", "TPU_", "JAX_COORDINATOR", "XLA_FLAGS"))
+  }
+  env.update(
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+    TF_CPP_MIN_LOG_LEVEL="3",
+  )
+  return env
+
+
+def _run_workers(out_dir, num_processes: int, devices: int, timeout=240):
+  port = _free_port()
+  procs = []
+  for pid in range(num_processes):
+    env = _clean_env(devices)
+    if num_processes > 1:
+      env.update(
+        FDISTILL_COORDINATOR=f"localhost:{port}",
+        FDISTILL_NUM_PROCESSES=str(num_processes),
+        FDISTILL_PROCESS_ID=str(pid),
+      )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--worker", str(out_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
+  deadline = time.monotonic() + timeout
+  logs = []
+  for proc in procs:
+    try:
+      out, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      pytest.fail(f"worker timed out after {timeout}s")
+    logs.append(out)
+  for proc, log in zip(procs, logs, strict=True):
+    assert proc.returncode == 0, f"worker failed (rc {proc.returncode}):\n{log[-4000:]}"
+  return [dict(np.load(os.path.join(out_dir, f"out_{i}.npz"))) for i in range(num_processes)]
+
+
+def test_two_processes_match_one_process_and_numpy(tmp_path):
+  multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
+  multi_dir.mkdir()
+  single_dir.mkdir()
+  multi = _run_workers(multi_dir, num_processes=2, devices=4)
+  (single,) = _run_workers(single_dir, num_processes=1, devices=8)
+  ref = _reference()
+
+  assert str(single["method"]) == "single" and int(single["process_count"]) == 1
+  for i, out in enumerate(multi):
+    # It really was two processes of 4 devices forming one 8-device system.
+    assert str(out["method"]) == "explicit"
+    assert (int(out["process_index"]), int(out["process_count"])) == (i, 2)
+    assert (int(out["local_device_count"]), int(out["device_count"])) == (4, 8)
+    np.testing.assert_array_equal(out["global_shape"], [GLOBAL_ROWS, FEATURES])
+    np.testing.assert_array_equal(out["shards"], [0, 2, 4] if i == 0 else [1, 3])
+  for key in ("psum", "total", "colsum", "grad"):
+    np.testing.assert_allclose(single[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for out in multi:
+      np.testing.assert_allclose(out[key], single[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+# --- SLURM node lists -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "nodelist, hosts",
+  [
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("a1,b2", ["a1", "b2"]),
+    ("single", ["single"]),
+    ("gpu[8-10]", ["gpu8", "gpu9", "gpu10"]),
+    ("n[001-002],login,x[5]", ["n001", "n002", "login", "x5"]),
+    ("gpu[1-2]-ib", ["gpu1-ib", "gpu2-ib"]),
+    ("r[1-2]n[3,5]", ["r1n3", "r1n5", "r2n3", "r2n5"]),
+  ],
+)
+def test_parse_slurm_nodelist(nodelist, hosts):
+  assert distributed.parse_slurm_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["", "node[01-03", "node]1[", "node[a-b]", "node[5-3]"])
+def test_parse_slurm_nodelist_rejects_malformed(bad):
+  with pytest.raises(ValueError, match="SLURM node list"):
+    distributed.parse_slurm_nodelist(bad)
+
+
+# --- Plans -----------------------------------------------------------------
+
+_EXPLICIT_ENV = {
+  "FDISTILL_COORDINATOR": "10.0.0.1:1234",
+  "FDISTILL_NUM_PROCESSES": "4",
+  "FDISTILL_PROCESS_ID": "2",
+}
+
+
+def test_plan_single_process_by_default():
+  assert distributed.plan(None, env={}).method == "single"
+  assert distributed.plan(None, env={"JAX_PLATFORMS": "cpu"}).method == "single"
+
+
+def test_plan_explicit_from_env():
+  p = distributed.plan(None, env=dict(_EXPLICIT_ENV, FDISTILL_LOCAL_DEVICE_IDS="0,1"))
+  assert p == distributed.Plan("explicit", "10.0.0.1:1234", 4, 2, (0, 1))
+
+
+def test_config_wins_over_env():
+  cfg = distributed.default_config()
+  cfg.coordinator_address = "head:999"
+  cfg.process_id = 3
+  p = distributed.plan({"distributed": cfg}, env=_EXPLICIT_ENV)
+  # Keys set in the config win; the rest still come from the environment.
+  assert (p.coordinator_address, p.num_processes, p.process_id) == ("head:999", 4, 3)
+
+
+def test_config_block_or_flags_object():
+  import ml_collections
+
+  root = ml_collections.ConfigDict({"distributed": distributed.default_config()})
+  root.distributed.coordinator_address = "h:1"
+  root.distributed.num_processes = 2
+  root.distributed.process_id = 1
+  assert distributed.plan(root, env={}).method == "explicit"
+
+  class Flags:  # absl-style attribute access, no `distributed` block
+    coordinator_address = "h:2"
+    num_processes = 2
+    process_id = 0
+
+  assert distributed.plan(Flags(), env={}).coordinator_address == "h:2"
+
+
+def test_explicit_beats_slurm_and_off_beats_everything():
+  slurm = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_STEP_NODELIST": "n[1-2]"}
+  assert distributed.plan(None, env={**slurm, **_EXPLICIT_ENV}).method == "explicit"
+  assert distributed.plan({"mode": "off"}, env={**slurm, **_EXPLICIT_ENV}).method == "single"
+  assert distributed.plan(None, env={**slurm, "FDISTILL_DISTRIBUTED": "off"}).method == "single"
+
+
+def test_partial_explicit_settings_name_what_is_missing():
+  with pytest.raises(ValueError, match=r"missing \['process_id'\]"):
+    distributed.plan(None, env={"FDISTILL_COORDINATOR": "h:1", "FDISTILL_NUM_PROCESSES": "2"})
+  with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
+    distributed.plan(None, env={**_EXPLICIT_ENV, "FDISTILL_NUM_PROCESSES": "2"})
+  with pytest.raises(ValueError, match="host:port"):
+    distributed.plan(None, env={**_EXPLICIT_ENV, "FDISTILL_COORDINATOR": "nohost"})
+  with pytest.raises(ValueError, match="expected an integer"):
+    distributed.plan(None, env={**_EXPLICIT_ENV, "FDISTILL_PROCESS_ID": "two"})
+  with pytest.raises(ValueError, match="expected one of"):
+    distributed.plan({"mode": "mpi"}, env={})
+
+
+def test_plan_slurm():
+  env = {
+    "SLURM_JOB_ID": "4096",
+    "SLURM_NTASKS": "16",
+    "SLURM_PROCID": "9",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+    "SLURM_STEP_NODELIST": "gpu[07-08]",
+  }
+  p = distributed.plan(None, env=env)
+  # Port as JAX computes it: 65535 - 4096 + 1 + job_id % 4096.
+  assert p == distributed.Plan("slurm", "gpu07:61440", 16, 9, (1,))
+  # One task per node: the process keeps all its GPUs.
+  p1 = distributed.plan(None, env={**env, "SLURM_STEP_TASKS_PER_NODE": "1(x2)"})
+  assert p1.local_device_ids is None
+  # SLURM already gave this task one GPU: do not narrow again.
+  assert distributed.plan(None, env={**env, "CUDA_VISIBLE_DEVICES": "3"}).local_device_ids is None
+  # Explicit port, and a single-task allocation is no cluster.
+  port_cfg = {"coordinator_port": 5555}
+  assert distributed.plan(port_cfg, env=env).coordinator_address == "gpu07:5555"
+  assert distributed.plan(None, env={**env, "SLURM_NTASKS": "1"}).method == "single"
+  with pytest.raises(ValueError, match="srun"):
+    distributed.plan({"mode": "slurm"}, env={})
+
+
+def test_plan_tpu():
+  assert distributed.plan({"mode": "tpu"}, env={}).method == "tpu"
+  pod = {"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2", "TPU_WORKER_ID": "1"}
+  assert distributed.plan(None, env=pod).method == "tpu"
+  assert distributed.plan(None, env={"TPU_WORKER_HOSTNAMES": "10.0.0.1"}).method == "single"
+  # An explicit CPU platform is never a TPU pod.
+  assert distributed.plan(None, env={**pod, "JAX_PLATFORMS": "cpu"}).method == "single"
+
+
+def test_initialize_is_a_noop_for_one_process():
+  p = distributed.initialize(None, env={"JAX_PLATFORMS": "cpu"})
+  assert p.method == "single"
+  assert not jax.distributed.is_initialized()
+  assert distributed.is_main_process()
+
+
+# --- Helpers ---------------------------------------------------------------
+
+
+def test_local_shard_range_covers_every_shard_once():
+  for count in (1, 2, 3, 8):
+    seen = sorted(s for p in range(count) for s in distributed.local_shard_range(10, p, count))
+    assert seen == list(range(10))
+  assert list(distributed.local_shard_range(10, 1, 4)) == [1, 5, 9]
+  assert list(distributed.local_shard_range(3)) == [0, 1, 2]  # this (single) process
+  with pytest.raises(ValueError):
+    distributed.local_shard_range(0)
+  with pytest.raises(ValueError):
+    distributed.local_shard_range(4, 4, 4)
+
+
+def test_make_global_batch_single_process():
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+  batch = {
+    "inputs": np.arange(8 * 3, dtype=np.int32).reshape(8, 3),
+    "target_mask": np.ones((8, 5), np.float32),
+    "example_index": np.arange(8, dtype=np.int64),
+  }
+  out = distributed.make_global_batch(batch, mesh)
+  for key, value in batch.items():
+    np.testing.assert_array_equal(np.asarray(out[key]), value)
+    assert out[key].sharding.spec[0] == "data"  # default: batch over "data"
+  assert out["inputs"].addressable_shards[0].data.shape == (2, 3)
+  specs = {k: PartitionSpec() for k in batch}
+  rep = distributed.make_global_batch(batch, mesh, specs)
+  assert rep["inputs"].sharding.is_fully_replicated
+
+
+def test_log_filter_passes_everything_on_main(caplog):
+  import logging
+
+  f = distributed.MainProcessFilter()
+  record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
+  assert f.filter(record)  # process 0 keeps INFO
+  with caplog.at_level(logging.INFO):
+    distributed.log_on_main("step %d", 3)
+  assert "step 3" in caplog.text
+
+
+def test_log_filter_drops_info_on_other_processes(monkeypatch):
+  import logging
+
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  f = distributed.MainProcessFilter()
+  info = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
+  warn = logging.LogRecord("x", logging.WARNING, __file__, 1, "careful", None, None)
+  assert not f.filter(info)
+  assert f.filter(warn)
+  assert not distributed.is_main_process()
