@@ -269,3 +269,38 @@ def test_presets_build_abstractly(name):
     cfg.kv_heads,
     cfg.dim_per_head,
   )
+
+
+@pytest.mark.parametrize("name", ["t5-tiny", "gpt2-tiny"])
+def test_dropout_only_with_an_rng(name):
+  batch = _batch(M.ModelConfig.from_config(M.get_preset(name)), seed=9)
+  plain = M.build_model(M.get_preset(name), 0)
+  noisy = M.build_model(M.get_preset(name, dropout_rate=0.3), 0)
+  key = jax.random.key(0)
+  base = M.forward(plain, *batch).logits
+  # Default (no rng) is deterministic even with a dropout rate; rate 0 ignores the rng.
+  chex.assert_trees_all_close(M.forward(noisy, *batch).logits, base, atol=1e-6)
+  chex.assert_trees_all_close(M.forward(plain, *batch, dropout_rng=key).logits, base, atol=1e-6)
+  a = M.forward(noisy, *batch, dropout_rng=key).logits
+  b = M.forward(noisy, *batch, dropout_rng=key).logits
+  c = M.forward(noisy, *batch, dropout_rng=jax.random.key(1)).logits
+  chex.assert_trees_all_close(a, b, atol=0)
+  assert np.abs(np.asarray(a - base)).max() > 1e-3 and np.abs(np.asarray(a - c)).max() > 1e-3
+
+
+def test_without_logits_and_finite_gradients_under_padding():
+  model = M.build_model(M.get_preset("bart-tiny"), 0)
+  inputs, input_mask, targets, target_mask = _batch(model.config, seed=10)
+  input_mask[2] = 0  # a source that is all padding must not produce NaNs
+  out = M.forward(model, inputs, input_mask, targets, target_mask, with_logits=False)
+  assert out.logits is None
+  chex.assert_trees_all_close(out.hidden, M.forward(model, inputs, input_mask, targets).hidden)
+  graphdef, params = nnx.split(model)
+
+  def loss(p):
+    logp = M.score(nnx.merge(graphdef, p), inputs, input_mask, targets, target_mask)
+    return -jnp.sum(logp)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  chex.assert_tree_all_finite(grads)
+  assert np.abs(np.asarray(grads["embed"]["embedding"].get_value())).max() > 0

@@ -27,15 +27,29 @@ def build_model(config, rngs: nnx.Rngs | int = 0) -> Model:
   return EncoderDecoder(cfg, rngs) if cfg.is_encoder_decoder else DecoderOnly(cfg, rngs)
 
 
-def forward(model: Model, inputs, input_mask, targets, target_mask=None) -> ModelOutput:
+def forward(
+  model: Model,
+  inputs,
+  input_mask,
+  targets,
+  target_mask=None,
+  *,
+  dropout_rng=None,
+  with_logits: bool = True,
+) -> ModelOutput:
   """Teacher-forced pass.
 
   inputs [B, S] int, input_mask [B, S], targets [B, T] int (no start token),
   target_mask [B, T] (unused by the model; causal masking suffices) ->
   ModelOutput(logits [B, T, V] float32 where logits[:, t] predicts
   targets[:, t], hidden [B, T, D], layer_hidden num_layers x [B, T, D]).
+  dropout_rng: a PRNG key turns on dropout at `config.dropout_rate` (training
+  only; None, the default, is deterministic). with_logits=False skips the
+  output head (logits None), for losses that fuse the head (`output_head`).
   """
-  return model.forward(inputs, input_mask, targets, target_mask)
+  return model.forward(
+    inputs, input_mask, targets, target_mask, dropout_rng=dropout_rng, with_logits=with_logits
+  )
 
 
 def output_head(model: Model):

@@ -48,12 +48,12 @@ class Block(nnx.Module):
     self.mlp = L.MLP(cfg, rngs, use_bias=not llama)
     self.theta = cfg.rope_theta if llama else None
 
-  def __call__(self, x, bias, positions, cache=None, index=None):
+  def __call__(self, x, bias, positions, cache=None, index=None, drop=L.NO_DROPOUT):
     h, cache = L.self_attention(
       self.self_attn, self.attn_norm(x), bias, cache, index, positions, self.theta
     )
-    x = x + h
-    return x + self.mlp(self.mlp_norm(x)), cache
+    x = x + drop(h)
+    return x + drop(self.mlp(self.mlp_norm(x))), cache
 
 
 def split_prompt(inputs, input_mask):
@@ -90,14 +90,15 @@ class DecoderOnly(nnx.Module):
       else L.Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg, rngs)
     )
 
-  def _run(self, ids, positions, bias, caches=None, index=None):
+  def _run(self, ids, positions, bias, caches=None, index=None, drop=L.NO_DROPOUT):
     """ids, positions [B, L] -> (hidden [B, L, D], layer outputs, new caches)."""
     x = self.embed(ids)
     if self.positions is not None:
       x = x + self.positions(positions)
+    x = drop(x)
     outs, new_caches = [], []
     for i, layer in enumerate(self.layers):
-      x, cache = layer(x, bias, positions, None if caches is None else caches[i], index)
+      x, cache = layer(x, bias, positions, None if caches is None else caches[i], index, drop)
       outs.append(x)
       new_caches.append(cache)
     return self.final_norm(x), tuple(outs), tuple(new_caches)
@@ -116,7 +117,9 @@ class DecoderOnly(nnx.Module):
   def _context_positions(context_mask):
     return jnp.maximum(jnp.cumsum(context_mask, axis=1).astype(jnp.int32) - 1, 0)
 
-  def forward(self, inputs, input_mask, targets, target_mask=None):
+  def forward(
+    self, inputs, input_mask, targets, target_mask=None, dropout_rng=None, with_logits=True
+  ):
     """Teacher-forced pass over [context | last prompt token, targets[:-1]]."""
     del target_mask  # causal masking already hides everything after a position
     s, t = inputs.shape[1], targets.shape[1]
@@ -131,10 +134,14 @@ class DecoderOnly(nnx.Module):
     )
     key_mask = jnp.concatenate([context_mask, jnp.ones_like(targets, jnp.float32)], axis=1)
     slots = jnp.arange(s + t, dtype=jnp.int32)
-    hidden, layer_hidden, _ = self._run(ids, positions, L.causal_bias(slots, slots, key_mask))
+    drop = L.Dropout(dropout_rng, self.config.dropout_rate)
+    hidden, layer_hidden, _ = self._run(
+      ids, positions, L.causal_bias(slots, slots, key_mask), drop=drop
+    )
     hidden = hidden[:, s:]
     layer_hidden = tuple(h[:, s:] for h in layer_hidden)
-    return L.ModelOutput(L.logits_from_hidden(hidden, *self.head()), hidden, layer_hidden)
+    logits = L.logits_from_hidden(hidden, *self.head()) if with_logits else None
+    return L.ModelOutput(logits, hidden, layer_hidden)
 
   def init_decode_state(self, inputs, input_mask, max_len: int):
     """Prefills the prompt context into a cache of S + max_len slots."""

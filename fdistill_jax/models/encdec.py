@@ -43,8 +43,8 @@ from fdistill_jax.models.config import ModelConfig
 BART_POSITION_OFFSET = 2  # HF BartLearnedPositionalEmbedding reserves two rows
 
 
-def _residual(x, fn, norm, pre_norm):
-  return x + fn(norm(x)) if pre_norm else norm(x + fn(x))
+def _residual(x, fn, norm, pre_norm, drop):
+  return x + drop(fn(norm(x))) if pre_norm else norm(x + drop(fn(x)))
 
 
 class EncoderLayer(nnx.Module):
@@ -56,11 +56,15 @@ class EncoderLayer(nnx.Module):
     self.mlp = L.MLP(cfg, rngs, use_bias=not t5)
     self.mlp_norm = L.Norm(cfg, rngs, rms=t5)
 
-  def __call__(self, x, bias):
+  def __call__(self, x, bias, drop=L.NO_DROPOUT):
     x = _residual(
-      x, lambda h: L.self_attention(self.self_attn, h, bias)[0], self.attn_norm, self.pre_norm
+      x,
+      lambda h: L.self_attention(self.self_attn, h, bias)[0],
+      self.attn_norm,
+      self.pre_norm,
+      drop,
     )
-    return _residual(x, self.mlp, self.mlp_norm, self.pre_norm)
+    return _residual(x, self.mlp, self.mlp_norm, self.pre_norm, drop)
 
 
 class DecoderLayer(nnx.Module):
@@ -74,7 +78,7 @@ class DecoderLayer(nnx.Module):
     self.mlp = L.MLP(cfg, rngs, use_bias=not t5)
     self.mlp_norm = L.Norm(cfg, rngs, rms=t5)
 
-  def __call__(self, x, self_bias, cross_kv, cross_bias, cache=None, index=None):
+  def __call__(self, x, self_bias, cross_kv, cross_bias, cache=None, index=None, drop=L.NO_DROPOUT):
     new_cache = None
 
     def self_attn(h):
@@ -87,9 +91,9 @@ class DecoderLayer(nnx.Module):
         self.cross_attn.query(h), cross_kv["k"], cross_kv["v"], cross_bias
       )
 
-    x = _residual(x, self_attn, self.attn_norm, self.pre_norm)
-    x = _residual(x, cross_attn, self.cross_norm, self.pre_norm)
-    return _residual(x, self.mlp, self.mlp_norm, self.pre_norm), new_cache
+    x = _residual(x, self_attn, self.attn_norm, self.pre_norm, drop)
+    x = _residual(x, cross_attn, self.cross_norm, self.pre_norm, drop)
+    return _residual(x, self.mlp, self.mlp_norm, self.pre_norm, drop), new_cache
 
 
 class Stack(nnx.Module):
@@ -128,26 +132,27 @@ class EncoderDecoder(nnx.Module):
 
   # -- pieces --------------------------------------------------------------
 
-  def _embed(self, stack: Stack, ids, positions):
+  def _embed(self, stack: Stack, ids, positions, drop=L.NO_DROPOUT):
     """ids, positions [B, L] -> [B, L, D]."""
     x = self.embed(ids)
     if self.config.scale_embedding:
       x = x * jnp.asarray(self.config.d_model**0.5, x.dtype)
     if not self.t5:
       x = stack.embed_norm(x + stack.positions(positions + BART_POSITION_OFFSET))
-    return x
+    return drop(x)
 
-  def encode(self, inputs, input_mask):
+  def encode(self, inputs, input_mask, drop=L.NO_DROPOUT):
     """inputs [B, S] int, input_mask [B, S] -> encoder states [B, S, D]."""
     b, s = inputs.shape
     pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x = self._embed(self.encoder, inputs, pos)
+    x = self._embed(self.encoder, inputs, pos, drop)
     bias = L.mask_bias(input_mask)
     if self.t5:
       bias = bias + self.encoder.rel_bias(pos[:1], pos[:1])
     for layer in self.encoder.layers:
-      x = layer(x, bias)
-    return self.encoder.final_norm(x) if self.encoder.final_norm is not None else x
+      x = layer(x, bias, drop)
+    x = self.encoder.final_norm(x) if self.encoder.final_norm is not None else x
+    return drop(x) if self.t5 else x
 
   def cross_kv(self, encoded):
     """Per decoder layer {"k", "v"} [B, S, KVH, Dh] of the encoder states."""
@@ -156,16 +161,19 @@ class EncoderDecoder(nnx.Module):
       for layer in self.decoder.layers
     )
 
-  def _decode(self, ids, positions, self_bias, cross, cross_bias, caches=None, index=None):
+  def _decode(
+    self, ids, positions, self_bias, cross, cross_bias, caches=None, index=None, drop=L.NO_DROPOUT
+  ):
     """Decoder over ids [B, L]: -> (hidden [B, L, D], layer outputs, new caches)."""
-    x = self._embed(self.decoder, ids, positions)
+    x = self._embed(self.decoder, ids, positions, drop)
     outs, new_caches = [], []
     for i, layer in enumerate(self.decoder.layers):
       cache = None if caches is None else caches[i]
-      x, cache = layer(x, self_bias, cross[i], cross_bias, cache, index)
+      x, cache = layer(x, self_bias, cross[i], cross_bias, cache, index, drop)
       outs.append(x)
       new_caches.append(cache)
     hidden = self.decoder.final_norm(x) if self.decoder.final_norm is not None else x
+    hidden = drop(hidden) if self.t5 else hidden
     return hidden, tuple(outs), tuple(new_caches)
 
   def head(self):
@@ -177,11 +185,14 @@ class EncoderDecoder(nnx.Module):
 
   # -- the functional API ---------------------------------------------------
 
-  def forward(self, inputs, input_mask, targets, target_mask=None):
+  def forward(
+    self, inputs, input_mask, targets, target_mask=None, dropout_rng=None, with_logits=True
+  ):
     """Teacher-forced pass; see `models.api.forward`."""
     del target_mask  # causal masking already hides everything after a position
     b, t = targets.shape
-    encoded = self.encode(inputs, input_mask)
+    drop = L.Dropout(dropout_rng, self.config.dropout_rate)
+    encoded = self.encode(inputs, input_mask, drop)
     start = jnp.full((b, 1), self.config.start_id, targets.dtype)
     ids = jnp.concatenate([start, targets[:, :-1]], axis=1)
     slots = jnp.arange(t, dtype=jnp.int32)
@@ -190,9 +201,9 @@ class EncoderDecoder(nnx.Module):
     if self.t5:
       bias = bias + self.decoder.rel_bias(pos[:1], pos[:1])
     hidden, layer_hidden, _ = self._decode(
-      ids, pos, bias, self.cross_kv(encoded), L.mask_bias(input_mask)
+      ids, pos, bias, self.cross_kv(encoded), L.mask_bias(input_mask), drop=drop
     )
-    logits = L.logits_from_hidden(hidden, *self.head())
+    logits = L.logits_from_hidden(hidden, *self.head()) if with_logits else None
     return L.ModelOutput(logits, hidden, layer_hidden)
 
   def init_decode_state(self, inputs, input_mask, max_len: int):

@@ -32,6 +32,30 @@ class ModelOutput(NamedTuple):
   layer_hidden: tuple[jax.Array, ...]  # num_layers x [B, T, D], each block's output
 
 
+class Dropout:
+  """Functional dropout for one forward pass: each call draws from its own folded key.
+
+  `Dropout(None, rate)` (or rate 0) is the identity, the default everywhere:
+  teachers and scoring are deterministic. Calls happen in a fixed order at
+  trace time, so the same `rng` gives the same masks.
+  """
+
+  def __init__(self, rng, rate: float):
+    self.rng = rng if rate > 0 else None
+    self.rate = rate
+    self.calls = 0
+
+  def __call__(self, x):
+    if self.rng is None:
+      return x
+    self.calls += 1
+    keep = jax.random.bernoulli(jax.random.fold_in(self.rng, self.calls), 1.0 - self.rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
+
+
+NO_DROPOUT = Dropout(None, 0.0)
+
+
 def param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
   """An `nnx.Param` annotated with logical axis names (one per dimension)."""
   assert len(shape) == len(axes), (shape, axes)
