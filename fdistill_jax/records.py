@@ -157,7 +157,8 @@ def encode_example(
     raw = array.astype(dtype).tobytes()
     feature[name] = feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[raw]))
   example = example_pb2.Example(features=feature_pb2.Features(feature=feature))
-  return example.SerializeToString()
+  # Deterministic: map entries sorted, so equal records are equal bytes in every process.
+  return example.SerializeToString(deterministic=True)
 
 
 def decode_example(spec: RecordSpec, serialized: bytes) -> dict[str, np.ndarray]:

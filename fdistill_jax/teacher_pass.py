@@ -1,0 +1,417 @@
+"""The teacher pass: sample N sequences per input, score them, write record shards.
+
+For every input of a task split, one jitted step (data-parallel over this
+process's devices) draws N teacher sequences with the sampler of
+`fdistill_jax.decoding`, re-reads them teacher-forced, and keeps at every
+position the log-prob of the sampled token, the top-k log-probs and ids, and
+the log-mass outside the top-k. A writer thread encodes and writes finished
+shards (`fdistill_jax.records`) while the devices work on the next batch.
+
+Restarts: shard `i` always holds the examples at positions
+`[i * records_per_shard, (i + 1) * records_per_shard)` of the split, and the
+sampling key of an example is `fold_in(seed, example_index)`; so a pass that
+is killed and started again skips the shards that have a `.COMPLETED` marker
+and writes exactly the records an uninterrupted pass would have written.
+
+Multi-host: process `p` of `P` computes shards `p, p + P, ...` on its own
+devices; process 0 writes the manifest once every shard is in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fdistill_jax import models
+from fdistill_jax import records as rec
+
+# (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) ->
+#   (tokens [B, N, T] int32, lengths [B, N] int32); runs inside jit.
+Sampler = Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+  """`config.teacher_pass`, typed (see configs/teacher_pass.py for the fields)."""
+
+  num_samples: int = 4
+  sampler: str = "sample"
+  sampler_params: tuple = ()  # sorted (name, value) pairs, e.g. temperature, top_p
+  top_k: int = 64
+  logprob_dtype: str = "bfloat16"
+  store_full_logprobs: bool = False
+  records_per_shard: int = 1024
+  batch_size: int = 32
+  seed: int = 0
+  max_input_len: int = 128
+  max_target_len: int = 128
+  split: str = "train"
+  max_examples: int = 0  # 0: the whole split
+
+  @classmethod
+  def from_config(cls, cfg) -> PassConfig:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(cfg).items() if k in fields}
+    params = values.get("sampler_params", ())
+    if hasattr(params, "items"):
+      values["sampler_params"] = tuple(sorted(dict(params).items()))
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------
+# The jitted step.
+# ---------------------------------------------------------------------------
+
+
+def topk_and_tail(logp: jax.Array, k: int):
+  """logp [..., V] normalised log-probs -> top-k values, ids [..., K] and tail [...].
+
+  The tail is a log-sum-exp over the entries outside the top-k (not
+  log(1 - sum top-k), which loses every digit once the top-k holds almost all
+  the mass); it is -inf when k == V.
+  """
+  values, ids = jax.lax.top_k(logp, k)
+  rest = jnp.put_along_axis(logp, ids, -jnp.inf, axis=-1, inplace=False)
+  return values, ids.astype(jnp.int32), jax.nn.logsumexp(rest, axis=-1)
+
+
+def _teacher_outputs(model, pc: PassConfig, sampler: Sampler, inputs, input_mask, indices, key):
+  """One batch: inputs [B, S], input_mask [B, S], indices [B] -> record arrays.
+
+  Returns tokens, token_logprobs, tail [B, N, T]; topk_logprobs, topk_ids
+  [B, N, T, K]; lengths [B, N]; optionally full_logprobs [B, N, T, V].
+  Positions past a sequence's length are zero (tokens: pad_id).
+  """
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+  tokens, lengths = sampler(model, inputs, input_mask, keys)
+  t = tokens.shape[-1]
+  valid = jnp.arange(t) < lengths[..., None]  # [B, N, T]
+
+  def score_one(args):
+    # One sample per input at a time: the [B, T, V] log-probs, not [B, N, T, V].
+    toks, mask = args  # [B, T]
+    logits = models.forward(model, inputs, input_mask, toks, mask.astype(jnp.float32)).logits
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_lp = jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]
+    values, ids, tail = topk_and_tail(logp, pc.top_k)
+    out = dict(
+      teacher_token_logprobs=jnp.where(mask, token_lp, 0.0),
+      teacher_topk_logprobs=jnp.where(mask[..., None], values, 0.0),
+      teacher_topk_ids=jnp.where(mask[..., None], ids, 0),
+      teacher_tail_logmass=jnp.where(mask, tail, 0.0),
+    )
+    if pc.store_full_logprobs:
+      out["teacher_full_logprobs"] = jnp.where(mask[..., None], logp, 0.0)
+    return out
+
+  per_sample = jax.lax.map(score_one, (tokens.swapaxes(0, 1), valid.swapaxes(0, 1)))
+  out = {name: value.swapaxes(0, 1) for name, value in per_sample.items()}
+  out["teacher_tokens"] = jnp.where(valid, tokens, model.config.pad_id).astype(jnp.int32)
+  out["teacher_lengths"] = lengths.astype(jnp.int32)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _step(graphdef, pc: PassConfig, sampler: Sampler, state, inputs, input_mask, indices, key):
+  # Module-level with static (graphdef, config, sampler): a restarted or
+  # repeated pass in one process reuses the compiled step.
+  model = nnx.merge(graphdef, state)
+  return _teacher_outputs(model, pc, sampler, inputs, input_mask, indices, key)
+
+
+def make_sampler(pc: PassConfig) -> Sampler:
+  """The configured sampler of `fdistill_jax.decoding`, in the teacher pass's form."""
+  from fdistill_jax import decoding
+
+  return decoding.make_model_sampler(
+    pc.sampler, num_samples=pc.num_samples, max_len=pc.max_target_len, **dict(pc.sampler_params)
+  )
+
+
+# ---------------------------------------------------------------------------
+# Host side: examples in, shards out.
+# ---------------------------------------------------------------------------
+
+
+def _fit(ids, length: int, eos_id: int) -> np.ndarray:
+  """Cuts a source to `length` tokens, keeping it EOS-terminated."""
+  ids = np.asarray(ids, np.int32)
+  if ids.size > length:
+    ids = np.concatenate([ids[: length - 1], [eos_id]]).astype(np.int32)
+  return ids
+
+
+def _shards(examples: Iterator[dict], per_shard: int, limit: int):
+  """Yields (shard index, examples) in order; shard i is positions [i*R, (i+1)*R)."""
+  shard, index = [], 0
+  for position, example in enumerate(examples):
+    if limit and position >= limit:
+      break
+    shard.append(example)
+    if len(shard) == per_shard:
+      yield index, shard
+      shard, index = [], index + 1
+  if shard:
+    yield index, shard
+
+
+def params_fingerprint(model) -> str:
+  """sha256 of the teacher's parameters: a restart must use the same teacher."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(nnx.state(model)), key=str):
+    h.update(str(path).encode())
+    h.update(np.asarray(leaf).tobytes())
+  return h.hexdigest()[:32]
+
+
+class _ShardWriterThread:
+  """Encodes and writes finished shards off the main thread."""
+
+  def __init__(self, directory, spec, num_shards, on_shard_written=None):
+    self.directory, self.spec, self.num_shards = directory, spec, num_shards
+    self.on_shard_written = on_shard_written
+    self.error = None
+    self.queue = queue.Queue(maxsize=2)
+    self.thread = threading.Thread(target=self._loop, daemon=True)
+    self.thread.start()
+
+  def _loop(self):
+    while (item := self.queue.get()) is not None:
+      if self.error is not None:
+        continue  # drain, so the main thread never blocks on a dead writer
+      try:
+        index, rows = item
+        encoded = [rec.encode_example(self.spec, **row) for row in rows]
+        rec.write_shard(self.directory, index, self.num_shards, encoded)
+        if self.on_shard_written is not None:
+          self.on_shard_written(index)
+      except BaseException as e:  # noqa: BLE001  (re-raised on the main thread)
+        self.error = e
+
+  def put(self, index, rows):
+    self._check()
+    self.queue.put((index, rows))
+
+  def close(self):
+    self.queue.put(None)
+    self.thread.join()
+    self._check()
+
+  def _check(self):
+    if self.error is not None:
+      raise self.error
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def teacher_pass(
+  model,
+  task,
+  out_dir: str,
+  pass_config: PassConfig,
+  *,
+  sampler: Sampler | None = None,
+  teacher_identity: dict | None = None,
+  devices=None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  on_shard_written: Callable[[int], None] | None = None,
+  progress: bool = True,
+) -> dict | None:
+  """Runs (or finishes) the pass of `model` over `task`; returns the manifest.
+
+  Args:
+    model: the teacher (`nnx.Module` of `fdistill_jax.models`).
+    task: a Task (docs/internals.md); `pass_config.split` is read.
+    sampler: defaults to `make_sampler(pass_config)`.
+    devices: this process's devices for the data-parallel mesh (default: all
+      local devices); `batch_size` must be a multiple of their number.
+    on_shard_written: called with each shard index once it is on disk (tests
+      use it to stop a pass part-way).
+  Returns the manifest on process 0, None elsewhere.
+  """
+  pc = pass_config
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  devices = list(devices if devices is not None else jax.local_devices())
+  if pc.batch_size % len(devices):
+    raise ValueError(f"batch_size {pc.batch_size} is not a multiple of {len(devices)} devices")
+  sampler = sampler or make_sampler(pc)
+  tokenizer, cfg = task.tokenizer, model.config
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(
+      f"task tokenizer has {tokenizer.vocab_size} ids, the teacher's vocabulary {cfg.vocab_size}"
+    )
+  spec = rec.RecordSpec(
+    num_samples=pc.num_samples,
+    max_input_len=pc.max_input_len,
+    max_target_len=pc.max_target_len,
+    top_k=pc.top_k,
+    vocab_size=cfg.vocab_size,
+    logprob_dtype=pc.logprob_dtype,
+    store_full_logprobs=pc.store_full_logprobs,
+    pad_id=cfg.pad_id,
+  )
+  num_examples = sum(1 for _ in _shards_flat(task, pc))
+  num_shards = max(1, -(-num_examples // pc.records_per_shard))
+  header = {
+    "schema_version": rec.SCHEMA_VERSION,
+    "spec": dataclasses.asdict(spec),
+    "teacher": {**(teacher_identity or {}), "params_sha256": params_fingerprint(model)},
+    "tokenizer_fingerprint": tokenizer.fingerprint(),
+    "sampler": {"method": pc.sampler, **dict(pc.sampler_params)},
+    "seed": pc.seed,
+    "records_per_shard": pc.records_per_shard,
+    "num_examples": num_examples,
+    "num_shards": num_shards,
+    "task": {"name": getattr(task, "name", type(task).__name__), "split": pc.split},
+  }
+  if process_index == 0:
+    rec.open_folder(out_dir, header)
+  _barrier("teacher_pass_open")
+  if process_index != 0:
+    rec.open_folder(out_dir, header)
+
+  mine = [i for i in range(num_shards) if i % process_count == process_index]
+  todo = {i for i in mine if rec.read_marker(out_dir, i, num_shards) is None}
+  rec.remove_stale_temporaries(out_dir, [rec.shard_name(i, num_shards) for i in todo])
+  logging.info("teacher pass: %d of this process's %d shards to write", len(todo), len(mine))
+
+  mesh = Mesh(np.array(devices), ("data",))
+  batch_sharding = NamedSharding(mesh, P("data"))
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+
+  key = jax.random.key(pc.seed)
+  writer = _ShardWriterThread(out_dir, spec, num_shards, on_shard_written)
+  bar = None
+  if progress:
+    from tqdm import tqdm
+
+    total = min(num_examples, sum(pc.records_per_shard for _ in todo))
+    bar = tqdm(total=total, unit="ex", desc="teacher pass", smoothing=0.1)
+  in_flight = []  # (shard index, examples, is the shard's last batch, device outputs)
+  shard_rows: dict[int, list] = {}
+
+  def collect(item):
+    index, batch, last, out = item
+    out = jax.device_get(out)
+    rows = shard_rows.setdefault(index, [])
+    for row, ex in enumerate(batch):
+      rows.append(dict(
+        example_index=int(ex["example_index"]),
+        inputs=_fit(ex["inputs"], pc.max_input_len, tokenizer.eos_id),
+        targets=np.asarray(ex["targets"], np.int32),
+        **{name: value[row] for name, value in out.items()},
+      ))  # fmt: skip
+      if "teacher_full_logprobs" not in out:
+        rows[-1]["teacher_full_logprobs"] = None
+    if bar is not None:
+      bar.update(len(batch))
+    if last:
+      writer.put(index, shard_rows.pop(index))
+
+  try:
+    for index, examples in _shards(task.examples(pc.split), pc.records_per_shard, pc.max_examples):
+      if index not in todo:
+        continue
+      for start in range(0, len(examples), pc.batch_size):
+        batch = examples[start : start + pc.batch_size]
+        arrays = _batch_arrays(batch, pc, cfg.pad_id, tokenizer.eos_id)
+        arrays = jax.device_put(arrays, batch_sharding)
+        # Dispatched asynchronously: the devices run while the host goes on.
+        out = _step(graphdef, pc, sampler, state, *arrays, key)
+        in_flight.append((index, batch, start + pc.batch_size >= len(examples), out))
+        if len(in_flight) > 1:
+          collect(in_flight.pop(0))
+    while in_flight:
+      collect(in_flight.pop(0))
+  finally:
+    if bar is not None:
+      bar.close()
+    writer.close()
+  _barrier("teacher_pass_done")
+  if process_index == 0:
+    return rec.finalize_manifest(out_dir)
+  return None
+
+
+def _shards_flat(task, pc: PassConfig):
+  for _, examples in _shards(task.examples(pc.split), pc.records_per_shard, pc.max_examples):
+    yield from examples
+
+
+def _batch_arrays(batch: list[dict], pc: PassConfig, pad_id: int, eos_id: int):
+  """Pads a list of examples to inputs, input_mask [B, S] and indices [B].
+
+  Rows past the end of a short final batch have an all-zero mask; their
+  outputs are never read.
+  """
+  b, s = pc.batch_size, pc.max_input_len
+  inputs = np.full((b, s), pad_id, np.int32)
+  mask = np.zeros((b, s), np.float32)
+  indices = np.full((b,), -1, np.int32)
+  for row, ex in enumerate(batch):
+    ids = _fit(ex["inputs"], s, eos_id)
+    inputs[row, : ids.size] = ids
+    mask[row, : ids.size] = 1.0
+    indices[row] = ex["example_index"]
+  # A row with no real token would make a decoder-only prompt empty; give
+  # padding rows one token so every row is well defined.
+  mask[len(batch) :, 0] = 1.0
+  return inputs, mask, indices
+
+
+# ---------------------------------------------------------------------------
+# Command line: --mode=teacher_pass.
+# ---------------------------------------------------------------------------
+
+
+def load_teacher(teacher_config):
+  """Builds the teacher of `config.teacher` and restores `checkpoint` into it."""
+  path = teacher_config.get("checkpoint", "")
+  if not path:
+    raise ValueError("config.teacher.checkpoint is empty: the teacher pass needs trained weights")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.teacher.checkpoint: {path} does not exist")
+  import orbax.checkpoint as ocp
+
+  abstract_model = nnx.eval_shape(lambda: models.build_model(teacher_config.model, rngs=0))
+  graphdef, abstract = nnx.split(abstract_model)
+  state = ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+  return nnx.merge(graphdef, state)
+
+
+def run(config, workdir: str):
+  """`python -m fdistill_jax.main --mode=teacher_pass`: writes records_dir(config, workdir)."""
+  from fdistill_jax.data import tasks
+
+  pc = PassConfig.from_config(config.teacher_pass)
+  task = tasks.get_task(config.task)
+  model = load_teacher(config.teacher)
+  identity = {
+    "checkpoint": config.teacher.get("checkpoint", ""),
+    "model": dict(config.teacher.model),
+  }
+  out_dir = rec.records_dir(config, workdir)
+  manifest = teacher_pass(model, task, out_dir, pc, teacher_identity=identity)
+  if manifest is not None:
+    logging.info("teacher pass complete: %d records in %s", manifest["num_examples"], out_dir)

@@ -1,0 +1,282 @@
+"""The teacher pass: record contents against the model, restarts, device counts.
+
+Run as a script (`python -m tests.test_teacher_pass OUT_DIR KILL_AT_SHARD`),
+this module is the child process of the SIGKILL test.
+"""
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdistill_jax import models
+from fdistill_jax import records as rec
+from fdistill_jax import teacher_pass as tp
+from fdistill_jax.data.reader import RecordReader
+from fdistill_jax.data.tokenizers import Tokenizer
+
+VOCAB, PAD, EOS = 64, 0, 1
+
+
+class FakeTokenizer(Tokenizer):
+  vocab_size, pad_id, eos_id = VOCAB, PAD, EOS
+
+  def encode(self, text):
+    return [2 + ord(c) % (VOCAB - 2) for c in text]
+
+  def decode(self, ids):
+    ids = list(ids)
+    ids = ids[: ids.index(EOS)] if EOS in ids else ids
+    return "".join(chr(ord("a") + (i - 2) % 26) for i in ids if i != PAD)
+
+  def _fingerprint_bytes(self):
+    return b"fake-tokenizer-64"
+
+
+class FakeTask:
+  """Stands in for data/tasks.py: a fixed list of random examples."""
+
+  name = "fake"
+  splits = ("train",)
+
+  def __init__(self, num_examples=10):
+    self.tokenizer = FakeTokenizer()
+    self.num_examples = num_examples
+
+  def examples(self, split):
+    for i in range(self.num_examples):
+      rng = np.random.default_rng(100 + i)
+      inputs = np.append(rng.integers(2, VOCAB, rng.integers(1, 9)), EOS).astype(np.int32)
+      targets = np.append(rng.integers(2, VOCAB, rng.integers(1, 6)), EOS).astype(np.int32)
+      yield dict(example_index=i, inputs=inputs, targets=targets, source_text="", target_text="")
+
+
+@functools.cache
+def ancestral_sampler(num_samples, max_len):
+  """A plain per-example-keyed sampler (t=1), independent of fdistill_jax.decoding."""
+
+  def sampler(model, inputs, input_mask, keys):
+    b, n = inputs.shape[0], num_samples
+    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+    state = models.init_decode_state(model, rep(inputs), rep(input_mask), max_len)
+    token = models.start_tokens(model, rep(inputs), rep(input_mask))
+    row_keys = jax.vmap(lambda k: jax.random.split(k, n))(keys).reshape(b * n)
+
+    def body(carry, t):
+      state, token, done, length = carry
+      logits, state = models.decode_step(model, state, token)
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
+      nxt = jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+      nxt = jnp.where(done, PAD, nxt)
+      length = length + (~done).astype(jnp.int32)
+      return (state, nxt, done | (nxt == EOS), length), nxt
+
+    init = (state, token, jnp.zeros(b * n, bool), jnp.zeros(b * n, jnp.int32))
+    (_, _, _, lengths), tokens = jax.lax.scan(body, init, jnp.arange(max_len))
+    return tokens.T.reshape(b, n, max_len), lengths.reshape(b, n)
+
+  return sampler
+
+
+PASS = tp.PassConfig(
+  num_samples=2,
+  top_k=5,
+  records_per_shard=4,
+  batch_size=8,
+  max_input_len=10,
+  max_target_len=6,
+  seed=3,
+)
+
+
+def tiny_teacher():
+  return models.build_model(models.get_preset("t5-tiny"), 0)
+
+
+def run_pass(out_dir, pc=PASS, num_examples=10, **kwargs):
+  sampler = ancestral_sampler(pc.num_samples, pc.max_target_len)
+  return tp.teacher_pass(
+    tiny_teacher(), FakeTask(num_examples), str(out_dir), pc, sampler=sampler, progress=False,
+    **kwargs,
+  )  # fmt: skip
+
+
+def shard_bytes(directory):
+  names = sorted(p for p in os.listdir(directory) if p.endswith(".tfrecord"))
+  return {name: open(os.path.join(directory, name), "rb").read() for name in names}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted pass on all 8 devices."""
+  out = tmp_path_factory.mktemp("reference")
+  manifest = run_pass(out)
+  return out, manifest
+
+
+# ---------------------------------------------------------------------------
+# Numerics.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_topk_and_tail_match_float64(k):
+  logits = np.random.default_rng(0).normal(size=(3, 4, 50)) * 4
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  values, ids, tail = tp.topk_and_tail(jnp.asarray(logp, jnp.float32), k)
+  order = np.argsort(-logp, -1)[..., :k]
+  np.testing.assert_array_equal(ids, order)
+  np.testing.assert_allclose(values, np.take_along_axis(logp, order, -1), atol=1e-6)
+  rest = logp.copy()
+  np.put_along_axis(rest, order, -np.inf, -1)
+  with np.errstate(divide="ignore"):
+    want = np.log(np.exp(rest).sum(-1))
+  np.testing.assert_allclose(tail, want, rtol=1e-5)  # -inf == -inf when k == V
+
+
+def test_records_agree_with_the_teacher(reference):
+  out, manifest = reference
+  assert manifest["status"] == "complete" and manifest["num_shards"] == 3
+  task, model = FakeTask(), tiny_teacher()
+  examples = {e["example_index"]: e for e in task.examples("train")}
+  reader = RecordReader(
+    str(out), batch_size=10, shuffle=False, num_epochs=1, expected_vocab_size=VOCAB,
+    expected_fingerprint=task.tokenizer.fingerprint(),
+  )  # fmt: skip
+  (batch,) = list(reader)
+  order = np.argsort(batch["example_index"])  # shards are interleaved
+  batch = {key: value[order] for key, value in batch.items()}
+  assert batch["example_index"].tolist() == list(range(10))
+  for row in range(10):
+    ex = examples[row]
+    np.testing.assert_array_equal(batch["inputs"][row, : ex["inputs"].size], ex["inputs"])
+    np.testing.assert_array_equal(batch["targets"][row, : ex["targets"].size], ex["targets"])
+  # Re-score the stored teacher sequences independently: float64 log-softmax.
+  b, n, t, k = batch["teacher_topk_ids"].shape
+  rep = lambda x: np.repeat(x, n, axis=0)  # noqa: E731
+  tokens = batch["teacher_tokens"].reshape(b * n, t)
+  mask = batch["teacher_mask"].reshape(b * n, t)
+  logits = models.forward(
+    model, rep(batch["inputs"]), rep(batch["input_mask"]), tokens, mask
+  ).logits
+  logits = np.asarray(logits, np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  valid = mask.astype(bool)
+  token_lp = np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+  got = {
+    key: batch[key].reshape(b * n, t, -1) for key in ("teacher_topk_logprobs", "teacher_topk_ids")
+  }
+  np.testing.assert_allclose(
+    batch["teacher_token_logprobs"].reshape(b * n, t)[valid], token_lp[valid], atol=1e-5
+  )
+  top = np.take_along_axis(logp, got["teacher_topk_ids"], -1)
+  np.testing.assert_allclose(got["teacher_topk_logprobs"][valid], top[valid], atol=1e-2)
+  assert (np.diff(top[valid], axis=-1) <= 1e-6).all()  # ids in descending order
+  assert (top[valid][:, -1] >= np.sort(logp[valid], -1)[:, -k] - 1e-6).all()  # truly the top k
+  # Stored top-k (bf16) + tail mass make up the whole distribution. Rounding a
+  # log-prob l to bf16 moves p = e^l by at most p |l| 2^-9 <= 2^-9 / e = 7.2e-4,
+  # so every stored probability is within 1e-3, and the mass within k times that.
+  full_p = np.exp(np.take_along_axis(logp, got["teacher_topk_ids"], -1))[valid]
+  stored_p = np.exp(got["teacher_topk_logprobs"].astype(np.float64))[valid]
+  np.testing.assert_allclose(stored_p, full_p, atol=1e-3)
+  tail = batch["teacher_tail_logmass"].reshape(b * n, t)[valid]
+  np.testing.assert_allclose(np.exp(tail), 1 - full_p.sum(-1), atol=1e-6)  # float32 tail
+  np.testing.assert_allclose(stored_p.sum(-1) + np.exp(tail), 1.0, atol=k * 2**-9 / np.e)
+  # Nothing but zeros/pad past each sequence's end.
+  assert (tokens[~valid] == PAD).all() and (got["teacher_topk_logprobs"][~valid] == 0).all()
+  # A sequence ends at its first EOS, which is counted in its length.
+  lengths = mask.sum(-1).astype(int)
+  for row in range(b * n):
+    seq = tokens[row, : lengths[row]]
+    assert EOS not in seq[:-1]
+    assert seq[-1] == EOS or lengths[row] == t
+
+
+# ---------------------------------------------------------------------------
+# Restarts and device counts.
+# ---------------------------------------------------------------------------
+
+
+class Stop(Exception):
+  pass
+
+
+def test_interrupted_pass_resumes_to_identical_records(reference, tmp_path):
+  ref_dir, ref_manifest = reference
+
+  def stop_after_first(index):
+    raise Stop(f"simulated crash after shard {index}")
+
+  with pytest.raises(Stop):
+    run_pass(tmp_path, on_shard_written=stop_after_first)
+  assert len(shard_bytes(tmp_path)) == 1
+  assert rec.read_manifest(str(tmp_path))["status"] == "incomplete"
+  written = []
+  manifest = run_pass(tmp_path, on_shard_written=written.append)
+  assert sorted(written) == [1, 2]  # shard 0 was not recomputed
+  assert shard_bytes(tmp_path) == shard_bytes(ref_dir)
+  assert manifest == ref_manifest
+
+
+def test_sigkill_mid_write_then_restart(reference, tmp_path):
+  ref_dir, ref_manifest = reference
+  child = subprocess.run(
+    [sys.executable, "-m", "tests.test_teacher_pass", str(tmp_path), "1"],
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    capture_output=True,
+    timeout=300,
+  )
+  assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+  leftovers = [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+  assert leftovers and all(p.startswith(rec.shard_name(1, 3)) for p in leftovers)
+  manifest = run_pass(tmp_path)
+  assert shard_bytes(tmp_path) == shard_bytes(ref_dir)
+  assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+  assert manifest == ref_manifest
+
+
+def test_one_device_gives_the_same_records(reference, tmp_path):
+  ref_dir, ref_manifest = reference
+  assert jax.local_device_count() == 8
+  manifest = run_pass(tmp_path, devices=jax.local_devices()[:1])
+  assert shard_bytes(tmp_path) == shard_bytes(ref_dir)
+  assert manifest["shards"] == ref_manifest["shards"]
+
+
+def test_multi_process_slices_make_the_same_records(reference, tmp_path):
+  ref_dir, _ = reference
+  # Process 1 of 2 first (it writes shard 1), then process 0 (shards 0, 2 and the manifest).
+  assert run_pass(tmp_path, process_index=1, process_count=2) is None
+  assert list(shard_bytes(tmp_path)) == [rec.shard_name(1, 3)]
+  manifest = run_pass(tmp_path, process_index=0, process_count=2)
+  assert shard_bytes(tmp_path) == shard_bytes(ref_dir)
+  assert manifest["status"] == "complete"
+
+
+def test_restart_with_other_settings_is_refused(reference, tmp_path):
+  run_pass(tmp_path, num_examples=4)
+  with pytest.raises(rec.RecordError, match="different teacher pass"):
+    run_pass(tmp_path, pc=tp.PassConfig(**{**vars(PASS), "seed": 4}), num_examples=4)
+
+
+def _child(out_dir: str, kill_at_shard: int):
+  """Runs the pass and SIGKILLs itself between writing a shard and renaming it."""
+  replace = os.replace
+
+  def dying_replace(src, dst):
+    if dst.endswith(rec.shard_name(kill_at_shard, 3)):
+      os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+
+  os.replace = dying_replace
+  run_pass(out_dir)
+
+
+if __name__ == "__main__":
+  _child(sys.argv[1], int(sys.argv[2]))
