@@ -252,3 +252,39 @@ def test_chitchat_real_corpus():
   # Consecutive pairs chain: a response is the next example's context (context_turns=1).
   train = task.pairs("train")
   assert any(train[i].target == train[i + 1].source for i in range(len(train) - 1))
+
+
+def test_source_template_prefix_and_caps(tmp_path):
+  task = tasks.get_task(
+    _cfg(
+      kind="synthetic",
+      data_dir=str(tmp_path),
+      num_names=3,
+      num_foods=3,
+      num_areas=2,
+      num_prices=2,
+      num_templates=2,
+      source_prefix="describe : ",
+      source_template="user {source} assistant",
+      max_examples={"train": 5},
+    )
+  )
+  assert task.num_examples("train") == 5
+  assert task.num_examples("test") > 0  # no cap for the other splits
+  for e in task.examples("test"):
+    assert e["source_text"].startswith("user describe : name :")
+    assert e["source_text"].endswith(" assistant")
+    assert e["target_text"] in task.modes(e["source_text"])
+  with pytest.raises(ValueError, match="must contain"):
+    tasks.get_task(_cfg(kind="synthetic", data_dir=str(tmp_path), source_template="x"))
+
+
+def test_config_presets(tmp_path):
+  from configs import tasks as presets
+
+  cfg = presets.task_config("synthetic", data_dir=str(tmp_path), num_names=2, num_foods=2)
+  task = tasks.get_task(cfg)
+  assert task.spec.num_names == 2 and task.spec.num_templates == 5
+  assert presets.get_config("wmt16_en_ro").task.tfds_name == "wmt16_translate/ro-en"
+  with pytest.raises(ValueError, match="is not one of"):
+    presets.task_config("nope")

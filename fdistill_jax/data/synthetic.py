@@ -359,7 +359,15 @@ def build(spec: SyntheticSpec, data_dir: str | None = None):
   data_dir = data_dir or default_data_dir()
   builder = _builder_class()(spec=spec, data_dir=data_dir)
   if not builder.is_prepared():
-    builder.download_and_prepare()
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    # A few thousand tiny examples: progress bars would only add noise.
+    shown = tqdm_utils._active
+    tqdm_utils.display_progress_bar(False)
+    try:
+      builder.download_and_prepare()
+    finally:
+      tqdm_utils.display_progress_bar(shown)
   return builder
 
 

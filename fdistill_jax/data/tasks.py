@@ -22,7 +22,10 @@ File-backed kinds take `files` (split -> path). Every kind except `synthetic`
 needs `tokenizer`: a spec for `tokenizers.load_tokenizer`, or `{kind: "word"}`
 for a whitespace vocabulary built from the training split (tests, demos).
 Optional: `source_prefix` (prepended to every source, e.g. T5's task
-prefix), `max_examples` (cap per split), `max_vocab` for the word tokenizer.
+prefix), `source_template` (a format string with `{source}`, e.g. a chat
+template for a decoder-only prompt; applied after the prefix),
+`max_examples` (a cap for every split, or `{split: cap}`); the word
+tokenizer takes `split`, `min_count` and `max_words`.
 """
 
 from __future__ import annotations
@@ -63,12 +66,18 @@ class Task:
     tokenizer: Tokenizer | None = None,
     *,
     source_prefix: str = "",
-    max_examples: int | None = None,
+    source_template: str = "{source}",
+    max_examples: int | dict | None = None,
   ):
     self.name = name
     self.splits = tuple(splits)
     self._load_split = load_split
-    self._source_prefix = source_prefix
+    if "{source}" not in source_template:
+      raise ValueError(
+        f"Task {name!r}: source_template={source_template!r} must contain '{{source}}'."
+      )
+    # Prefix and template as one wrapper around the raw source.
+    self._wrap = source_template.replace("{source}", source_prefix + "{source}", 1)
     self._max_examples = max_examples
     self._pairs: dict[str, list[TextPair]] = {}
     self._tokenized: dict[str, list[dict]] = {}
@@ -84,11 +93,25 @@ class Task:
     if split not in self._pairs:
       pairs = []
       for p in self._load_split(split):
-        if self._max_examples is not None and len(pairs) >= self._max_examples:
+        cap = self._max_examples
+        if isinstance(cap, dict) or hasattr(cap, "get"):
+          cap = cap.get(split)
+        if cap is not None and len(pairs) >= cap:
           break
-        pairs.append(dataclasses.replace(p, source=self._source_prefix + p.source))
+        pairs.append(dataclasses.replace(p, source=self.wrap_source(p.source)))
       self._pairs[split] = pairs
     return self._pairs[split]
+
+  def wrap_source(self, raw: str) -> str:
+    """The model-facing source of a raw source (prefix and template applied)."""
+    return self._wrap.replace("{source}", raw, 1)
+
+  def unwrap_source(self, source_text: str) -> str:
+    """Inverse of `wrap_source`."""
+    head, _, tail = self._wrap.partition("{source}")
+    if not (source_text.startswith(head) and source_text.endswith(tail)):
+      raise ValueError(f"Task {self.name!r}: {source_text!r} is not of the form {self._wrap!r}.")
+    return source_text[len(head) : len(source_text) - len(tail)]
 
   def num_examples(self, split: str) -> int:
     return len(self.pairs(split))
@@ -128,7 +151,7 @@ class SyntheticTask(Task):
 
   def modes(self, source_text: str) -> dict[str, float]:
     """Every valid output of `source_text` -> p*(y|x) (sums to 1)."""
-    return self.spec.modes(source_text[len(self._source_prefix) :])
+    return self.spec.modes(self.unwrap_source(source_text))
 
 
 # ------------------------------------------------------------------------------
@@ -393,6 +416,7 @@ def get_task(config) -> Task:
   name = _get(config, "name", kind)
   common = dict(
     source_prefix=_get(config, "source_prefix", ""),
+    source_template=_get(config, "source_template", "{source}"),
     max_examples=_get(config, "max_examples"),
   )
   if kind == "synthetic":
