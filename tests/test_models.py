@@ -304,3 +304,30 @@ def test_without_logits_and_finite_gradients_under_padding():
   grads = jax.jit(jax.grad(loss))(params)
   chex.assert_tree_all_finite(grads)
   assert np.abs(np.asarray(grads["embed"]["embedding"].get_value())).max() > 0
+
+
+@pytest.mark.parametrize("name", ["t5-tiny", "llama-tiny"])
+def test_remat_gives_the_same_gradients(name):
+  cfg = M.ModelConfig.from_config(M.get_preset(name, dropout_rate=0.1))
+  inputs, input_mask, targets, target_mask = _batch(cfg, seed=11)
+  grads = []
+  for remat in (False, True):
+    graphdef, params = nnx.split(M.build_model(cfg.replace(remat=remat), 0))
+
+    def loss(p, graphdef=graphdef):
+      model = nnx.merge(graphdef, p)
+      key = jax.random.key(0)  # same dropout masks with and without remat
+      out = M.forward(model, inputs, input_mask, targets, target_mask, dropout_rng=key)
+      return jnp.sum(jax.nn.log_softmax(out.logits)[..., 3] * target_mask)
+
+    grads.append(jax.jit(jax.grad(loss))(params))
+  chex.assert_trees_all_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+def test_learned_positions_past_the_table_raise():
+  model = M.build_model(M.get_preset("gpt2-tiny", max_positions=8), 0)
+  inputs, input_mask, targets, target_mask = _batch(model.config)
+  with pytest.raises(ValueError, match="10 positions needed but gpt2 has max_positions=8"):
+    M.forward(model, inputs, input_mask, targets, target_mask)
+  with pytest.raises(ValueError, match="max_positions=8"):
+    M.init_decode_state(model, inputs, input_mask, 4)

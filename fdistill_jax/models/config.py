@@ -40,6 +40,7 @@ class ModelConfig:
   layer_norm_eps: float | None = None  # None: 1e-6 (T5, LLaMA) / 1e-5 (BART, GPT-2)
   tie_embeddings: bool = True  # output head reuses the token embedding
   dropout_rate: float = 0.0  # residual/embedding dropout, only where forward gets a dropout_rng
+  remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
   # T5
   mlp_activation: str | None = (
     None  # "relu", "gated-gelu", "swiglu", "gelu", "gelu_new"; None: family default

@@ -98,7 +98,9 @@ class DecoderOnly(nnx.Module):
     x = drop(x)
     outs, new_caches = [], []
     for i, layer in enumerate(self.layers):
-      x, cache = layer(x, bias, positions, None if caches is None else caches[i], index, drop)
+      cache = None if caches is None else caches[i]
+      remat = self.config.remat and cache is None
+      x, cache = L.run_layer(layer, x, remat, bias, positions, cache, index, drop)
       outs.append(x)
       new_caches.append(cache)
     return self.final_norm(x), tuple(outs), tuple(new_caches)
@@ -123,6 +125,7 @@ class DecoderOnly(nnx.Module):
     """Teacher-forced pass over [context | last prompt token, targets[:-1]]."""
     del target_mask  # causal masking already hides everything after a position
     s, t = inputs.shape[1], targets.shape[1]
+    L.check_positions(self.config, s + t - 1, "prompt + targets")
     context_mask, last_token, last_pos = split_prompt(inputs, input_mask)
     ids = jnp.concatenate([inputs, last_token[:, None], targets[:, :-1]], axis=1)
     positions = jnp.concatenate(
@@ -146,6 +149,7 @@ class DecoderOnly(nnx.Module):
   def init_decode_state(self, inputs, input_mask, max_len: int):
     """Prefills the prompt context into a cache of S + max_len slots."""
     b, s = inputs.shape
+    L.check_positions(self.config, s + max_len - 1, "prompt + decoding max_len")
     context_mask, _, last_pos = split_prompt(inputs, input_mask)
     kv_mask = jnp.concatenate([context_mask, jnp.zeros((b, max_len), jnp.float32)], axis=1)
     caches = tuple(L.empty_cache(self.config, b, s + max_len) for _ in self.layers)

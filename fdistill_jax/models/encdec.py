@@ -144,13 +144,14 @@ class EncoderDecoder(nnx.Module):
   def encode(self, inputs, input_mask, drop=L.NO_DROPOUT):
     """inputs [B, S] int, input_mask [B, S] -> encoder states [B, S, D]."""
     b, s = inputs.shape
+    L.check_positions(self.config, s, "encoder inputs")
     pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     x = self._embed(self.encoder, inputs, pos, drop)
     bias = L.mask_bias(input_mask)
     if self.t5:
       bias = bias + self.encoder.rel_bias(pos[:1], pos[:1])
     for layer in self.encoder.layers:
-      x = layer(x, bias, drop)
+      x = L.run_layer(layer, x, self.config.remat, bias, drop)
     x = self.encoder.final_norm(x) if self.encoder.final_norm is not None else x
     return drop(x) if self.t5 else x
 
@@ -169,7 +170,8 @@ class EncoderDecoder(nnx.Module):
     outs, new_caches = [], []
     for i, layer in enumerate(self.decoder.layers):
       cache = None if caches is None else caches[i]
-      x, cache = layer(x, self_bias, cross[i], cross_bias, cache, index, drop)
+      remat = self.config.remat and cache is None
+      x, cache = L.run_layer(layer, x, remat, self_bias, cross[i], cross_bias, cache, index, drop)
       outs.append(x)
       new_caches.append(cache)
     hidden = self.decoder.final_norm(x) if self.decoder.final_norm is not None else x
@@ -191,6 +193,7 @@ class EncoderDecoder(nnx.Module):
     """Teacher-forced pass; see `models.api.forward`."""
     del target_mask  # causal masking already hides everything after a position
     b, t = targets.shape
+    L.check_positions(self.config, t, "decoder targets")
     drop = L.Dropout(dropout_rng, self.config.dropout_rate)
     encoded = self.encode(inputs, input_mask, drop)
     start = jnp.full((b, 1), self.config.start_id, targets.dtype)
@@ -209,6 +212,7 @@ class EncoderDecoder(nnx.Module):
   def init_decode_state(self, inputs, input_mask, max_len: int):
     """Encodes the source and allocates a `max_len`-slot self-attention cache."""
     b = inputs.shape[0]
+    L.check_positions(self.config, max_len, "decoding max_len")
     encoded = self.encode(inputs, input_mask)
     return {
       "cache": tuple(L.empty_cache(self.config, b, max_len) for _ in self.decoder.layers),

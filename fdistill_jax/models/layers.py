@@ -250,6 +250,25 @@ class RelativeBias(nnx.Module):
     return jnp.transpose(values, (0, 3, 1, 2))
 
 
+def check_positions(cfg: ModelConfig, needed: int, where: str):
+  """Learned position tables (BART, GPT-2) cannot index past `max_positions`: fail early."""
+  if cfg.family in ("bart", "gpt2") and needed > cfg.max_positions:
+    raise ValueError(
+      f"{where}: up to {needed} positions needed but {cfg.family} has max_positions="
+      f"{cfg.max_positions}; shorten the sequences"
+    )
+
+
+def run_layer(layer: nnx.Module, x, remat: bool, *args):
+  """`layer(x, *args)`, rematerialised in the backward pass when `remat` (training only).
+
+  The other arguments are closed over, so they may be any Python objects.
+  """
+  if not remat:
+    return layer(x, *args)
+  return nnx.remat(lambda mod, h: mod(h, *args))(layer, x)
+
+
 def write_cache(cache, new, index):
   """Writes new [B, L, ...] into cache [B, Lc, ...] at per-row slot index [B]."""
 
