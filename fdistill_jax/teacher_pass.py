@@ -386,18 +386,53 @@ def _batch_arrays(batch: list[dict], pc: PassConfig, pad_id: int, eos_id: int):
 
 
 def load_teacher(teacher_config):
-  """Builds the teacher of `config.teacher` and restores `checkpoint` into it."""
+  """(model, identity) of `config.teacher`: pretrained weights or a trainer checkpoint.
+
+  `teacher.pretrained` (dict(kind, path)) goes through `fdistill_jax.convert`;
+  otherwise `teacher.checkpoint` is a `fdistill_jax.checkpoints` folder whose
+  latest `state` item holds `params`, the pure dict of the model's
+  `nnx.Param` state, for the architecture `teacher.model`.
+  """
+  pretrained = teacher_config.get("pretrained")
+  if pretrained:
+    from fdistill_jax import convert
+
+    model, _ = convert.load_pretrained(pretrained)
+    return model, {"pretrained": dict(pretrained)}
   path = teacher_config.get("checkpoint", "")
   if not path:
-    raise ValueError("config.teacher.checkpoint is empty: the teacher pass needs trained weights")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config.teacher.checkpoint: {path} does not exist")
+    raise ValueError(
+      "config.teacher: set `checkpoint` (a trained teacher) or `pretrained`; "
+      "the teacher pass needs trained weights"
+    )
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"config.teacher.checkpoint: {path} is not a folder")
   import orbax.checkpoint as ocp
 
-  abstract_model = nnx.eval_shape(lambda: models.build_model(teacher_config.model, rngs=0))
-  graphdef, abstract = nnx.split(abstract_model)
-  state = ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
-  return nnx.merge(graphdef, state)
+  manager = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "meta"))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.teacher.checkpoint: no checkpoint in {path}")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  tree = restored.state
+  if "params" not in tree:
+    raise ValueError(f"{path} step {step}: state has {sorted(tree)}, expected a 'params' entry")
+  model = models.build_model(teacher_config.model, rngs=0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def shapes(tree):  # orbax turns integer keys (layer numbers) into strings
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)  # noqa: E731
+    return {name(path): np.shape(v) for path, v in leaves}
+
+  want, found = shapes(nnx.to_pure_dict(params)), shapes(tree["params"])
+  bad = sorted(k for k in want.keys() | found.keys() if want.get(k) != found.get(k))
+  if bad:
+    detail = ", ".join(f"{k}: expected {want.get(k)}, found {found.get(k)}" for k in bad[:4])
+    raise ValueError(f"{path} step {step}: params do not fit config.teacher.model ({detail})")
+  nnx.replace_by_pure_dict(params, tree["params"])
+  identity = {"checkpoint": os.path.abspath(path), "step": int(step)}
+  return nnx.merge(graphdef, params, rest), identity
 
 
 def run(config, workdir: str):
@@ -406,11 +441,7 @@ def run(config, workdir: str):
 
   pc = PassConfig.from_config(config.teacher_pass)
   task = tasks.get_task(config.task)
-  model = load_teacher(config.teacher)
-  identity = {
-    "checkpoint": config.teacher.get("checkpoint", ""),
-    "model": dict(config.teacher.model),
-  }
+  model, identity = load_teacher(config.teacher)
   out_dir = rec.records_dir(config, workdir)
   manifest = teacher_pass(model, task, out_dir, pc, teacher_identity=identity)
   if manifest is not None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,6 +264,48 @@ def test_restart_with_other_settings_is_refused(reference, tmp_path):
   run_pass(tmp_path, num_examples=4)
   with pytest.raises(rec.RecordError, match="different teacher pass"):
     run_pass(tmp_path, pc=tp.PassConfig(**{**vars(PASS), "seed": 4}), num_examples=4)
+
+
+# ---------------------------------------------------------------------------
+# Command-line plumbing.
+# ---------------------------------------------------------------------------
+
+
+def test_load_teacher_from_a_trainer_checkpoint(tmp_path):
+  from flax import nnx
+  from ml_collections import ConfigDict
+
+  from fdistill_jax import checkpoints
+
+  teacher = models.build_model(models.get_preset("t5-tiny"), 7)
+  saver = checkpoints.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  saver.save(3, {"params": nnx.to_pure_dict(nnx.state(teacher, nnx.Param)), "step": 3})
+  saver.close()
+  config = ConfigDict({"model": models.get_preset("t5-tiny"), "checkpoint": str(tmp_path / "ckpt")})
+  model, identity = tp.load_teacher(config)
+  assert identity["step"] == 3
+  chex.assert_trees_all_equal(nnx.state(model), nnx.state(teacher))
+  config.model.d_ff = 32
+  with pytest.raises(ValueError, match="params do not fit config.teacher.model.*expected"):
+    tp.load_teacher(config)
+  with pytest.raises(ValueError, match="set `checkpoint`"):
+    tp.load_teacher(ConfigDict({"model": models.get_preset("t5-tiny"), "checkpoint": ""}))
+
+
+def test_inspect_prints_manifest_and_decoded_records(reference, monkeypatch, capsys):
+  from ml_collections import ConfigDict
+
+  from fdistill_jax.data import tasks
+
+  ref_dir, _ = reference
+  monkeypatch.setattr(tasks, "get_task", lambda config: FakeTask())
+  config = ConfigDict({"task": {"name": "fake"}, "teacher_pass": {"out_dir": str(ref_dir)}})
+  rec.inspect_main(config, "/unused", num_records=2)
+  out = capsys.readouterr().out
+  assert "status: complete" in out and "3 of 3 shards, 10 records" in out
+  first = next(FakeTask().examples("train"))
+  assert f"input:  {FakeTokenizer().decode(first['inputs'])}" in out
+  assert out.count("teacher[1] (log p") == 2
 
 
 def _child(out_dir: str, kill_at_shard: int):

@@ -1,0 +1,56 @@
+"""The teacher pass: N teacher sequences per input, with top-k log-probs, to TFRecords.
+
+  python -m fdistill_jax.main --config=configs/teacher_pass.py \
+    --config.teacher.checkpoint=/tmp/run/teacher/checkpoints --workdir=/tmp/run \
+    --mode=teacher_pass
+  python -m fdistill_jax.main --config=configs/teacher_pass.py ... --mode=inspect
+
+Records go to `teacher_pass.out_dir`, by default `WORKDIR/teacher_records/SPLIT`
+(`fdistill_jax.records.records_dir`). A killed pass is restarted with the same
+command and finishes with exactly the records of an uninterrupted one.
+
+`teacher_pass_config()` is the `config.teacher_pass` section alone, for
+experiment configs that add a teacher pass to their own fields.
+"""
+
+import ml_collections
+
+from configs import tasks
+from fdistill_jax.models import presets
+
+
+def teacher_pass_config(**overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.split = "train"  # task split to run the teacher over
+  c.max_examples = 0  # 0: the whole split; otherwise its first max_examples inputs
+  c.num_samples = 1  # N teacher sequences per input
+  c.sampler = "beam_search"  # decoding method (fdistill_jax.decoding); the paper: beam search
+  # Method parameters, e.g. num_beams, temperature, top_k, top_p, length_penalty.
+  c.sampler_params = ml_collections.ConfigDict({"num_beams": 4})
+  c.top_k = 64  # teacher log-probs kept per position (K)
+  c.logprob_dtype = "bfloat16"  # storage of top-k log-probs: "bfloat16" or "float16"
+  c.store_full_logprobs = False  # also store [N, T, V] log-probs (small vocabularies only)
+  c.records_per_shard = 1024  # one shard = a fixed range of example indices; keep % batch_size == 0
+  c.batch_size = 32  # inputs per jitted step, over all local devices
+  c.seed = 0  # sampling key of example i is fold_in(key(seed), i)
+  c.max_input_len = 128  # S: longer sources are cut (EOS kept)
+  c.max_target_len = 128  # T: teacher sequences and stored targets are at most this long
+  c.out_dir = ""  # "": WORKDIR/teacher_records/SPLIT
+  c.update(overrides)
+  return c
+
+
+def get_config(arg: str | None = None):
+  """A tiny demo: the synthetic task and a tiny T5 teacher (train it first)."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.task = tasks.task_config("synthetic")
+  config.teacher = ml_collections.ConfigDict()
+  # Architecture of the teacher (a ModelConfig ConfigDict); ignored with `pretrained`.
+  config.teacher.model = presets.get_preset("t5-tiny", vocab_size=128)
+  # A trainer checkpoint folder (fdistill_jax.checkpoints) holding the teacher's params.
+  config.teacher.checkpoint = ""
+  # Or pretrained weights: dict(kind="hf"|"gguf"|"auto", path=...) (fdistill_jax.convert).
+  config.teacher.pretrained = ml_collections.config_dict.placeholder(object)
+  config.teacher_pass = teacher_pass_config(max_input_len=32, max_target_len=32, batch_size=16)
+  return config
