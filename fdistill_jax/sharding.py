@@ -167,3 +167,24 @@ def shard_batch(tree, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.device_put(x, NamedSharding(mesh, spec if np.ndim(x) else PartitionSpec()))
 
   return jax.tree.map(put, tree)
+
+
+def decode_state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a model decode state: batch split, KV caches also split over heads.
+
+  Cache leaves are [B, slots, heads, head_dim] (self and cross attention);
+  every other leaf only has the batch (axis 0) split.
+  """
+
+  def one(x):
+    names = (
+      ("batch", None, "heads", "kv") if np.ndim(x) == 4 else ("batch",) + (None,) * (np.ndim(x) - 1)
+    )
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh, np.shape(x)))
+
+  return jax.tree.map(one, state)
+
+
+def shard_decode_state(state, mesh: Mesh, rules=DEFAULT_RULES):
+  """Puts a decode state onto `mesh` with `decode_state_shardings`."""
+  return jax.device_put(state, decode_state_shardings(state, mesh, rules))

@@ -104,7 +104,13 @@ def test_sharded_forward_and_decode_match_single_device(name, mesh):
   # Cached decoding with a sharded state.
   init = jax.jit(lambda p, x, m: M.init_decode_state(nnx.merge(graphdef, p), x, m, 2))
   step = jax.jit(lambda p, s, t: M.decode_step(nnx.merge(graphdef, p), s, t))
-  state = sh.shard_batch(init(params, sharded_batch["inputs"], sharded_batch["input_mask"]), mesh)
+  state = sh.shard_decode_state(
+    init(params, sharded_batch["inputs"], sharded_batch["input_mask"]), mesh
+  )
+  cache_k = state["cache"][0]["k"]
+  kv_heads = model.config.kv_heads
+  assert cache_k.sharding.spec == PartitionSpec(("data", "fsdp"), None, "model", None)
+  assert cache_k.addressable_shards[0].data.shape[2] == kv_heads // 2
   tokens = M.start_tokens(reference, batch["inputs"], batch["input_mask"])
   logits, state = step(params, state, tokens)
   logits, state = step(params, state, jnp.asarray(batch["targets"][:, 0]))
