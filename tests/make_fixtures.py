@@ -13,6 +13,10 @@ development venv:
     && pip install -r requirements-dev.txt \
     && python tests/make_fixtures.py
 
+`python tests/make_fixtures.py --check-export DIR/t5 DIR/llama ...` instead
+loads folders that `fdistill_jax.convert.export_hf` wrote from the fixtures
+and checks that transformers computes the reference logits from them.
+
 reference.npz holds, in the batch layout of docs/internals.md:
   inputs [B, S] int32, input_mask [B, S] float32 (source, or decoder-only prompt)
   targets [B, T] int32, target_mask [B, T] float32
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import safetensors.torch
@@ -232,7 +237,30 @@ def make_gpt2(name, seed):
   _save(name, model, *batch, logits)
 
 
+def check_export(folders):
+  """Loads folders written by `fdistill_jax.convert.export_hf` from the fixtures
+  (`export_hf(load_hf(tests/fixtures/hf/NAME)[0], DIR/NAME)`) with transformers
+  and prints the largest logit difference to the fixture's reference."""
+  for folder in folders:
+    name = os.path.basename(os.path.normpath(folder))
+    ref = np.load(os.path.join(OUT, name, "reference.npz"))
+    model = tf.AutoModelForCausalLM if name.startswith(("llama", "gpt2")) else None
+    if model is None:
+      model = tf.AutoModelForSeq2SeqLM
+    model = model.from_pretrained(folder).eval()
+    batch = (ref["inputs"], ref["input_mask"], ref["targets"], ref["target_mask"])
+    if model.config.is_encoder_decoder:
+      logits = _seq2seq_logits(model, *batch[:3], model.config.decoder_start_token_id)
+    else:
+      logits = _decoder_only_logits(model, *batch)
+    err = np.abs(logits - ref["logits"]) * ref["target_mask"][..., None]
+    print(f"{name}: max |logits - reference| = {err.max():.3g}")
+
+
 def main():
+  if sys.argv[1:2] == ["--check-export"]:
+    check_export(sys.argv[2:])
+    return
   torch.set_default_dtype(torch.float32)
   os.makedirs(OUT, exist_ok=True)
   make_t5("t5", 1, feed_forward_proj="relu")

@@ -23,6 +23,7 @@ from fdistill_jax.convert import (
   tokenizer_spec,
 )
 from fdistill_jax.convert.hf import ConversionError, hf_model_config, load_hf
+from fdistill_jax.convert.hf_export import export_hf
 from fdistill_jax.convert.params import model_params
 from fdistill_jax.models import build_model, forward, get_preset
 
@@ -286,3 +287,44 @@ def test_teacher_hf_config_example():
   assert config.task.tokenizer.kind == "hf" and config.task.tokenizer.path.endswith("bart")
   with pytest.raises(ValueError, match="needs the checkpoint folder"):
     teacher_hf.get_config()
+
+
+# ------------------------------------------------------------------------------
+# Export back to Hugging Face.
+# ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_reproduces_the_checkpoint(tmp_path, name):
+  """load_hf then export_hf gives back the very tensors (names, shapes, values)."""
+  folder = os.path.join(FIXTURES, name)
+  model, config = load_hf(folder)
+  out = export_hf(model, tmp_path / name)
+  original = stnp.load_file(os.path.join(folder, "model.safetensors"))
+  exported = stnp.load_file(os.path.join(out, "model.safetensors"))
+  assert sorted(exported) == sorted(original)
+  for key, value in original.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  again, config_again = load_hf(out)
+  if name != "t5_v1_1":  # written in v1.1's published layout, not transformers 5's
+    assert config_again == config
+
+
+def test_exported_student_reloads_with_the_same_logits(tmp_path):
+  teacher, _ = load_hf(os.path.join(FIXTURES, "mbart"))
+  student, _ = student_from_teacher(teacher, {"encoder_layers": [1], "decoder_layers": [0]})
+  out = export_hf(student, tmp_path / "student", dtype="bfloat16")
+  assert json.loads((tmp_path / "student" / "config.json").read_text())["encoder_layers"] == 1
+  reloaded, _ = load_hf(out)
+  ref = _reference(os.path.join(FIXTURES, "mbart"))
+  args = (ref["inputs"], ref["input_mask"], ref["targets"], ref["target_mask"])
+  expected = forward(student, *args).logits
+  # bf16 storage rounds the weights: close, not equal.
+  np.testing.assert_allclose(forward(reloaded, *args).logits, expected, atol=0.1)
+  assert not np.array_equal(forward(reloaded, *args).logits, expected)
+
+
+def test_export_refuses_what_hf_cannot_express(tmp_path):
+  model = build_model(get_preset("gpt2-tiny", tie_embeddings=False), 0)
+  with pytest.raises(ConversionError, match="untied output head"):
+    export_hf(model, tmp_path / "x")

@@ -142,7 +142,7 @@ def test_q8_0_gguf_dequantises_into_place(tmp_path):
   )
   cfg_json = json.load(open(os.path.join(folder, "config.json")))
   config = hf_model_config(cfg_json)
-  flat, config = convert_tensors(TensorSource.from_arrays(rounded, "rounded"), cfg_json, config)
+  flat = convert_tensors(TensorSource.from_arrays(rounded, "rounded"), cfg_json, config)
   expected = assemble(config, flat, "rounded")
   got, want = model_params(model), model_params(expected)
   for name in want:

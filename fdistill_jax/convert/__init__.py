@@ -9,7 +9,8 @@ ConfigDict or dict:
   any ModelConfig field (dtype, param_dtype, ...) overrides what the
   checkpoint says.
 
-`tokenizer_spec(spec)` gives the matching `load_tokenizer` config: the GGUF's
+`export_hf(model, folder)` writes a model (e.g. a distilled student) back as
+a Hugging Face folder. `tokenizer_spec(spec)` gives the matching `load_tokenizer` config: the GGUF's
 embedded BPE, or the folder's tokenizer.json / spiece.model.
 See docs/loading.md.
 """
@@ -20,6 +21,7 @@ import os
 
 from fdistill_jax.convert.gguf import load_gguf
 from fdistill_jax.convert.hf import load_hf
+from fdistill_jax.convert.hf_export import export_hf
 from fdistill_jax.convert.params import ConversionError
 from fdistill_jax.convert.student_init import copy_layers, spread_layers, student_from_teacher
 
@@ -27,6 +29,7 @@ __all__ = [
   "ConversionError",
   "copy_layers",
   "detect_kind",
+  "export_hf",
   "load_gguf",
   "load_hf",
   "load_pretrained",

@@ -192,5 +192,5 @@ def load_gguf(path: str, **overrides):
   """(model, ModelConfig) from a LLaMA-family GGUF file; `overrides` set ModelConfig fields."""
   hf, src = read_gguf(path)
   config = hf_model_config(hf, os.fspath(path), **overrides)
-  flat, config = convert_tensors(src, hf, config)
+  flat = convert_tensors(src, hf, config)
   return assemble(config, flat, os.fspath(path)), config

@@ -22,7 +22,8 @@ import os
 
 import numpy as np
 
-from fdistill_jax.convert.params import ConversionError, TensorSource, assemble
+from fdistill_jax.convert import hf_layout as layout
+from fdistill_jax.convert.params import ConversionError, TensorSource, assemble, param_shapes
 from fdistill_jax.models import ModelConfig
 
 # ------------------------------------------------------------------------------
@@ -70,7 +71,11 @@ def _t5_config(hf, where):
   if proj not in act:
     _unsupported(where, f"feed_forward_proj={proj!r} (supported: {sorted(act)})")
   layers = hf.get("num_layers", 6)
+  # See `_t5_plan`: only a tied and scaled head is the project's tied T5 head.
+  untied = hf.get("tie_word_embeddings", True) is False
+  scaled = hf.get("scale_decoder_outputs", not untied)
   return dict(
+    tie_embeddings=not untied and scaled,
     vocab_size=hf["vocab_size"],
     d_model=hf["d_model"],
     num_heads=hf["num_heads"],
@@ -112,6 +117,7 @@ def _bart_config(hf, where):
     layer_norm_eps=1e-5,
     mlp_activation=_activation(hf.get("activation_function", "gelu"), where, "activation_function"),
     scale_embedding=bool(hf.get("scale_embedding", False)),
+    tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
     normalize_before=mbart or bool(hf.get("normalize_before", False)),
   )
 
@@ -159,6 +165,8 @@ def _gpt2_config(hf, where):
       _unsupported(where, f"{key}=true")
   if hf.get("scale_attn_weights") is False:
     _unsupported(where, "scale_attn_weights=false")
+  if hf.get("tie_word_embeddings") is False:
+    _unsupported(where, "tie_word_embeddings=false for GPT-2")
   d = hf["n_embd"]
   eos = _first_id(hf.get("eos_token_id", 50256))
   pad = hf.get("pad_token_id")
@@ -194,11 +202,7 @@ def hf_family(hf: dict, where: str = "config.json") -> str:
 
 
 def hf_model_config(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
-  """A `ModelConfig` from a parsed config.json; `overrides` set any field (e.g. dtype).
-
-  The output-head tying of T5 is decided by the weights (see `_t5_params`),
-  so `load_hf` may still change `tie_embeddings` for T5.
-  """
+  """A `ModelConfig` from a parsed config.json; `overrides` set any field (e.g. dtype)."""
   family = hf_family(hf, where)
   values = dict(family=family, **_CONFIGS[family](hf, where))
   values.update(overrides)
@@ -213,140 +217,23 @@ def hf_model_config(hf: dict, where: str = "config.json", **overrides) -> ModelC
 # ------------------------------------------------------------------------------
 
 
-def _linear(src, name, d_in, d_out, bias=False):
-  """PyTorch Linear `[out, in]` -> kernel `[in, out]` (+ bias `[out]`)."""
-  out = {"kernel": src.take(f"{name}.weight", (d_out, d_in)).T}
-  if bias:
-    out["bias"] = src.take(f"{name}.bias", (d_out,))
-  return out
-
-
-def _attention(src, prefix, names, cfg: ModelConfig, kv_heads, bias):
-  """q/k/v/o Linear weights -> {query,key,value,out}.{kernel,bias} in head layout."""
-  d, h, dh = cfg.d_model, cfg.num_heads, cfg.dim_per_head
-  out = {}
-  for slot, name, heads in (
-    ("query", names[0], h),
-    ("key", names[1], kv_heads),
-    ("value", names[2], kv_heads),
-  ):
-    lin = _linear(src, f"{prefix}.{name}", d, heads * dh, bias)
-    out[f"{slot}.kernel"] = lin["kernel"].reshape(d, heads, dh)
-    if bias:
-      out[f"{slot}.bias"] = lin["bias"].reshape(heads, dh)
-  lin = _linear(src, f"{prefix}.{names[3]}", h * dh, d, bias)
-  out["out.kernel"] = lin["kernel"].reshape(h, dh, d)
-  if bias:
-    out["out.bias"] = lin["bias"]
-  return out
-
-
-def _norm(src, name, d, bias, weight="weight"):
-  out = {"scale": src.take(f"{name}.{weight}", (d,))}
-  if bias:
-    out["bias"] = src.take(f"{name}.bias", (d,))
-  return out
-
-
-def _put(flat, prefix, tree):
-  for k, v in tree.items():
-    flat[f"{prefix}.{k}"] = v
-
-
-def _mlp(src, prefix, names, cfg: ModelConfig, bias):
-  """names: (wi,) or (wi_0, wi_1) then wo, as Linear weights."""
-  d, f = cfg.d_model, cfg.d_ff
-  slots = ("wi_0", "wi_1") if len(names) == 3 else ("wi",)
-  out = {}
-  for slot, name in zip(slots, names[:-1], strict=True):
-    _put(out, slot, _linear(src, f"{prefix}.{name}", d, f, bias))
-  _put(out, "wo", _linear(src, f"{prefix}.{names[-1]}", f, d, bias))
-  return out
-
-
-def _t5_params(src: TensorSource, cfg: ModelConfig, hf: dict):
-  flat = {}
-  d, h = cfg.d_model, cfg.num_heads
-  gated = cfg.activation in ("gated-gelu", "swiglu")
-  mlp_names = ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
-  flat["embed.embedding"] = src.take("shared.weight", (cfg.vocab_size, d))
-  for stack, n in (("encoder", cfg.encoder_layers), ("decoder", cfg.num_layers)):
-    flat[f"{stack}.rel_bias.embedding"] = src.take(
-      f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-      (cfg.relative_attention_num_buckets, h),
-    )
-    flat[f"{stack}.final_norm.scale"] = src.take(f"{stack}.final_layer_norm.weight", (d,))
-    for i in range(n):
-      hf_l, ours = f"{stack}.block.{i}.layer", f"{stack}.layers.{i}"
-      attn = _attention(src, f"{hf_l}.0.SelfAttention", "qkvo", cfg, h, False)
-      _put(flat, f"{ours}.self_attn", attn)
-      flat[f"{ours}.attn_norm.scale"] = src.take(f"{hf_l}.0.layer_norm.weight", (d,))
-      ff = 1
-      if stack == "decoder":
-        _put(
-          flat,
-          f"{ours}.cross_attn",
-          _attention(src, f"{hf_l}.1.EncDecAttention", "qkvo", cfg, h, False),
-        )
-        flat[f"{ours}.cross_norm.scale"] = src.take(f"{hf_l}.1.layer_norm.weight", (d,))
-        ff = 2
-      _put(flat, f"{ours}.mlp", _mlp(src, f"{hf_l}.{ff}.DenseReluDense", mlp_names, cfg, False))
-      flat[f"{ours}.mlp_norm.scale"] = src.take(f"{hf_l}.{ff}.layer_norm.weight", (d,))
+def _t5_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   # T5 scales the decoder output by d_model**-0.5 before a tied head; T5 v1.1
   # checkpoints carry a separate `lm_head` and no scaling. transformers 5
-  # saves v1.1 as tied with `scale_decoder_outputs: false`: an unscaled copy of
-  # the embedding, which the project's models express as an untied head.
+  # saves v1.1 as tied with `scale_decoder_outputs: false`: an unscaled copy
+  # of the embedding, which the project's models express as an untied head.
   untied = hf.get("tie_word_embeddings", True) is False
-  scaled = hf.get("scale_decoder_outputs", not untied)
-  if untied:
-    flat["lm_head.kernel"] = src.take("lm_head.weight", (cfg.vocab_size, d)).T
-  else:
+  if not untied:
     src.skip("lm_head.weight")
-    if not scaled:
-      flat["lm_head.kernel"] = flat["embed.embedding"].T.copy()
-  tie = not untied and scaled
-  ignore = [
-    r"(encoder|decoder)\.embed_tokens\.weight",
-    r".*EncDecAttention\.relative_attention_bias\.weight",
-  ]
-  return flat, ignore, {"tie_embeddings": tie}
+  entries = layout.t5_layout(cfg, head_from_embedding=not untied)
+  aliases = [r"(encoder|decoder)\.embed_tokens\.weight"]
+  return entries, aliases + [r".*EncDecAttention\.relative_attention_bias\.weight"]
 
 
-def _bart_params(src: TensorSource, cfg: ModelConfig, hf: dict):
-  flat = {}
-  d = cfg.d_model
+def _bart_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   p = "model." if "model.shared.weight" in src else ""
-  flat["embed.embedding"] = src.take(f"{p}shared.weight", (cfg.vocab_size, d))
-  for stack, n in (("encoder", cfg.encoder_layers), ("decoder", cfg.num_layers)):
-    hs = f"{p}{stack}"
-    flat[f"{stack}.positions.embedding"] = src.take(
-      f"{hs}.embed_positions.weight", (cfg.max_positions + 2, d)
-    )
-    _put(flat, f"{stack}.embed_norm", _norm(src, f"{hs}.layernorm_embedding", d, True))
-    if cfg.normalize_before:
-      _put(flat, f"{stack}.final_norm", _norm(src, f"{hs}.layer_norm", d, True))
-    for i in range(n):
-      hl, ours = f"{hs}.layers.{i}", f"{stack}.layers.{i}"
-      names = ("q_proj", "k_proj", "v_proj", "out_proj")
-      _put(
-        flat,
-        f"{ours}.self_attn",
-        _attention(src, f"{hl}.self_attn", names, cfg, cfg.num_heads, True),
-      )
-      _put(flat, f"{ours}.attn_norm", _norm(src, f"{hl}.self_attn_layer_norm", d, True))
-      if stack == "decoder":
-        _put(
-          flat,
-          f"{ours}.cross_attn",
-          _attention(src, f"{hl}.encoder_attn", names, cfg, cfg.num_heads, True),
-        )
-        _put(flat, f"{ours}.cross_norm", _norm(src, f"{hl}.encoder_attn_layer_norm", d, True))
-      _put(flat, f"{ours}.mlp", _mlp(src, hl, ("fc1", "fc2"), cfg, True))
-      _put(flat, f"{ours}.mlp_norm", _norm(src, f"{hl}.final_layer_norm", d, True))
-  if hf.get("tie_word_embeddings", True):
+  if cfg.tie_embeddings:
     src.skip("lm_head.weight")
-  else:
-    flat["lm_head.kernel"] = src.take("lm_head.weight", (cfg.vocab_size, d)).T
   if "final_logits_bias" in src:
     bias = src.take("final_logits_bias", (1, cfg.vocab_size))
     if np.any(bias != 0):
@@ -355,70 +242,30 @@ def _bart_params(src: TensorSource, cfg: ModelConfig, hf: dict):
         f"{np.abs(bias).max():.3g}); the project's BART has no logits bias, so the "
         "converted model would differ."
       )
-  return flat, [rf"{p}(encoder|decoder)\.embed_tokens\.weight"], {}
+  return layout.bart_layout(cfg, prefix=p), [rf"{p}(encoder|decoder)\.embed_tokens\.weight"]
 
 
-def _llama_params(src: TensorSource, cfg: ModelConfig, hf: dict):
-  flat = {}
-  d = cfg.d_model
-  flat["embed.embedding"] = src.take("model.embed_tokens.weight", (cfg.vocab_size, d))
-  flat["final_norm.scale"] = src.take("model.norm.weight", (d,))
-  names = ("q_proj", "k_proj", "v_proj", "o_proj")
-  for i in range(cfg.num_layers):
-    hl, ours = f"model.layers.{i}", f"layers.{i}"
-    attn = _attention(src, f"{hl}.self_attn", names, cfg, cfg.kv_heads, cfg.attention_bias)
-    _put(flat, f"{ours}.self_attn", attn)
-    flat[f"{ours}.attn_norm.scale"] = src.take(f"{hl}.input_layernorm.weight", (d,))
-    mlp = _mlp(src, f"{hl}.mlp", ("gate_proj", "up_proj", "down_proj"), cfg, False)
-    _put(flat, f"{ours}.mlp", mlp)
-    flat[f"{ours}.mlp_norm.scale"] = src.take(f"{hl}.post_attention_layernorm.weight", (d,))
+def _llama_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   if cfg.tie_embeddings:
     src.skip("lm_head.weight")
-  else:
-    flat["lm_head.kernel"] = src.take("lm_head.weight", (cfg.vocab_size, d)).T
-  return flat, [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"], {}
+  return layout.llama_layout(cfg), [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 
 
-def _gpt2_params(src: TensorSource, cfg: ModelConfig, hf: dict):
-  flat = {}
-  d, h, dh, f = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff
+def _gpt2_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   p = "transformer." if "transformer.wte.weight" in src else ""
-  flat["embed.embedding"] = src.take(f"{p}wte.weight", (cfg.vocab_size, d))
-  flat["positions.embedding"] = src.take(f"{p}wpe.weight", (cfg.max_positions, d))
-  _put(flat, "final_norm", _norm(src, f"{p}ln_f", d, True))
-  for i in range(cfg.num_layers):
-    hl, ours = f"{p}h.{i}", f"layers.{i}"
-    # Conv1D stores [in, out]; c_attn packs q, k, v along the output axis.
-    qkv_w = src.take(f"{hl}.attn.c_attn.weight", (d, 3 * d))
-    qkv_b = src.take(f"{hl}.attn.c_attn.bias", (3 * d,))
-    for j, slot in enumerate(("query", "key", "value")):
-      flat[f"{ours}.self_attn.{slot}.kernel"] = qkv_w[:, j * d : (j + 1) * d].reshape(d, h, dh)
-      flat[f"{ours}.self_attn.{slot}.bias"] = qkv_b[j * d : (j + 1) * d].reshape(h, dh)
-    flat[f"{ours}.self_attn.out.kernel"] = src.take(f"{hl}.attn.c_proj.weight", (d, d)).reshape(
-      h, dh, d
-    )
-    flat[f"{ours}.self_attn.out.bias"] = src.take(f"{hl}.attn.c_proj.bias", (d,))
-    flat[f"{ours}.mlp.wi.kernel"] = src.take(f"{hl}.mlp.c_fc.weight", (d, f))
-    flat[f"{ours}.mlp.wi.bias"] = src.take(f"{hl}.mlp.c_fc.bias", (f,))
-    flat[f"{ours}.mlp.wo.kernel"] = src.take(f"{hl}.mlp.c_proj.weight", (f, d))
-    flat[f"{ours}.mlp.wo.bias"] = src.take(f"{hl}.mlp.c_proj.bias", (d,))
-    _put(flat, f"{ours}.attn_norm", _norm(src, f"{hl}.ln_1", d, True))
-    _put(flat, f"{ours}.mlp_norm", _norm(src, f"{hl}.ln_2", d, True))
   src.skip("lm_head.weight")  # GPT-2's head is always the token embedding
-  return flat, [rf"{p}h\.\d+\.attn\.(masked_)?bias"], {}
+  return layout.gpt2_layout(cfg, prefix=p), [rf"{p}h\.\d+\.attn\.(masked_)?bias"]
 
 
-_PARAMS = {"t5": _t5_params, "bart": _bart_params, "llama": _llama_params, "gpt2": _gpt2_params}
+_PLANS = {"t5": _t5_plan, "bart": _bart_plan, "llama": _llama_plan, "gpt2": _gpt2_plan}
 
 
-def convert_tensors(src: TensorSource, hf: dict, config: ModelConfig):
-  """Maps checkpoint tensors to {dotted param path: float32 array}; checks all are used.
-
-  Returns (flat params, config with any weight-determined fields updated).
-  """
-  flat, ignore, changes = _PARAMS[config.family](src, config, hf)
+def convert_tensors(src: TensorSource, hf: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+  """Maps checkpoint tensors to {dotted param path: float32 array}; checks all are used."""
+  entries, ignore = _PLANS[config.family](src, config, hf)
+  flat = layout.read(entries, src.take, param_shapes(config))
   src.check_all_used(ignore)
-  return flat, config.replace(**changes) if changes else config
+  return flat
 
 
 # ------------------------------------------------------------------------------
@@ -474,5 +321,5 @@ def load_hf(folder: str, **overrides):
   where = os.path.join(folder, "config.json")
   config = hf_model_config(hf, where, **overrides)
   src = TensorSource.from_safetensors(safetensors_files(folder))
-  flat, config = convert_tensors(src, hf, config)
+  flat = convert_tensors(src, hf, config)
   return assemble(config, flat, folder), config
