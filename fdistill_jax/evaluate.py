@@ -60,10 +60,15 @@ def sequence_mask(tokens, eos_id: int, lengths=None) -> np.ndarray:
   return (np.arange(t) <= first[..., None]).astype(np.float32)
 
 
+_SOURCE_KEYS = ("inputs", "input_mask", "example_index")
+
+
 def _score_flat(score_fn, batch, tokens, mask):
   """Scores `[B, n, T]` sequences with inputs repeated n times; returns `[B, n, T]`."""
   b, n, t = tokens.shape
-  rep = {k: np.repeat(v, n, axis=0) for k, v in batch.items()}
+  # Only the source side is repeated: scorers condition on it, and teacher
+  # record arrays ([B, N, T, K]) would be costly to copy.
+  rep = {k: np.repeat(batch[k], n, axis=0) for k in _SOURCE_KEYS if k in batch}
   lp = np.asarray(score_fn(rep, tokens.reshape(b * n, t), mask.reshape(b * n, t)), np.float64)
   return lp.reshape(b, n, t) * mask
 
