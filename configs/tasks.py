@@ -55,6 +55,20 @@ _PRESETS = {
     seed=0,
     tokenizer=None,
   ),
+  # The same as a ChatML prompt for chat-tuned decoder-only teachers (SmolLM2):
+  # the prompt ends in the assistant marker, so no EOS after it; the
+  # response ends in the tokenizer's EOS (<|im_end|> for SmolLM2).
+  "chitchat_chatml": dict(
+    kind="chitchat",
+    context_turns=1,
+    turn_separator="\n",
+    validation_fraction=0.05,
+    test_fraction=0.05,
+    seed=0,
+    source_template="<|im_start|>user\n{source}<|im_end|>\n<|im_start|>assistant\n",
+    input_eos=False,
+    tokenizer=None,
+  ),
   "tsv": dict(kind="tsv", files=None, tokenizer=None),
   "jsonl": dict(kind="jsonl", files=None, source_key="source", target_key="target", tokenizer=None),
 }

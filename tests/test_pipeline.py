@@ -137,3 +137,24 @@ def test_eval_batches_with_process_shards_cover_everything(task):
       chex.assert_shape(b["inputs"], (4, 8))
       seen += [int(j) for j in b["example_index"] if j >= 0]
   assert sorted(seen) == list(range(23))
+
+
+def test_prompts_without_eos_keep_their_end(tmp_path):
+  (tmp_path / "p.tsv").write_text("a b c d e f\tx\n")
+  cfg = ml_collections.ConfigDict(
+    dict(
+      name="p",
+      kind="tsv",
+      files={"train": str(tmp_path / "p.tsv")},
+      input_eos=False,
+      source_template="{source} go",
+      tokenizer={"kind": "word"},
+    )
+  )
+  task = tasks.get_task(cfg)
+  (ex,) = list(task.examples("train"))
+  assert task.tokenizer.decode(ex["inputs"]) == "a b c d e f go"  # no EOS appended
+  assert ex["targets"][-1] == task.tokenizer.eos_id
+  b = next(pipeline.batches(task, "train", 1, 3, 4))
+  assert task.tokenizer.decode(b["inputs"][0]) == "e f go"
+  assert b["input_mask"][0].tolist() == [1, 1, 1]

@@ -39,8 +39,13 @@ class PaddedSplit:
     return len(self.example_index)
 
 
-def _pad_rows(seqs, max_len: int, pad_id: int, eos_id: int):
-  """Right-pads `seqs` to `[N, max_len]`; over-long ones keep their first tokens + EOS."""
+def _pad_rows(seqs, max_len: int, pad_id: int, eos_id: int, *, keep_end: bool = False):
+  """Right-pads `seqs` to `[N, max_len]`, truncating over-long ones.
+
+  Default: keep the first `max_len - 1` tokens and EOS. `keep_end`: keep the
+  last `max_len` tokens (decoder-only prompts: the most recent context and
+  the template's final marker, which decoding starts from).
+  """
   if max_len < 1:
     raise ValueError(f"max length must be >= 1; found {max_len}.")
   out = np.full((len(seqs), max_len), pad_id, np.int32)
@@ -50,8 +55,11 @@ def _pad_rows(seqs, max_len: int, pad_id: int, eos_id: int):
     s = np.asarray(s, np.int32)
     if len(s) > max_len:
       truncated += 1
-      # Keep EOS so the model still learns (and samplers still see) an ending.
-      s = np.concatenate([s[: max_len - 1], np.asarray([eos_id], np.int32)])
+      if keep_end:
+        s = s[len(s) - max_len :]
+      else:
+        # Keep EOS so the model still learns (and samplers still see) an ending.
+        s = np.concatenate([s[: max_len - 1], np.asarray([eos_id], np.int32)])
     out[i, : len(s)] = s
     mask[i, : len(s)] = 1.0
   return out, mask, truncated
@@ -69,7 +77,11 @@ def padded_split(task, split: str, max_input_len: int, max_target_len: int) -> P
   examples = list(task.examples(split))
   tok = task.tokenizer
   inputs, input_mask, n_in = _pad_rows(
-    [e["inputs"] for e in examples], max_input_len, tok.pad_id, tok.eos_id
+    [e["inputs"] for e in examples],
+    max_input_len,
+    tok.pad_id,
+    tok.eos_id,
+    keep_end=not getattr(task, "input_eos", True),
   )
   targets, target_mask, n_tgt = _pad_rows(
     [e["targets"] for e in examples], max_target_len, tok.pad_id, tok.eos_id
@@ -80,7 +92,7 @@ def padded_split(task, split: str, max_input_len: int, max_target_len: int) -> P
     _WARNED.add((task.name, key))
     log.warning(
       "Task %r split %r: truncated %d of %d inputs to %d tokens and %d targets to %d "
-      "tokens (EOS kept).",
+      "tokens (EOS kept; prompts without EOS keep their end).",
       task.name,
       split,
       n_in,

@@ -24,7 +24,8 @@ for a whitespace vocabulary built from the training split (tests, demos).
 Optional: `source_prefix` (prepended to every source, e.g. T5's task
 prefix), `source_template` (a format string with `{source}`, e.g. a chat
 template for a decoder-only prompt; applied after the prefix),
-`max_examples` (a cap for every split, or `{split: cap}`); the word
+`max_examples` (a cap for every split, or `{split: cap}`), `input_eos`
+(default True; False for prompts that end in a chat template); the word
 tokenizer takes `split`, `min_count` and `max_words`.
 """
 
@@ -53,7 +54,8 @@ class Task:
 
   `examples(split)` yields, in a fixed order, `{"example_index", "inputs",
   "targets", "source_text", "target_text", "references"}` where `inputs`
-  and `targets` are int32 arrays ending in EOS and `references` is the list
+  and `targets` are int32 arrays ending in EOS (inputs only when
+  `input_eos`) and `references` is the list
   of reference texts (just `[target_text]` for single-reference tasks).
   Text pairs are loaded once per split and cached.
   """
@@ -68,6 +70,7 @@ class Task:
     source_prefix: str = "",
     source_template: str = "{source}",
     max_examples: int | dict | None = None,
+    input_eos: bool = True,
   ):
     self.name = name
     self.splits = tuple(splits)
@@ -79,6 +82,9 @@ class Task:
     # Prefix and template as one wrapper around the raw source.
     self._wrap = source_template.replace("{source}", source_prefix + "{source}", 1)
     self._max_examples = max_examples
+    # Encoder sources end in EOS; a decoder-only prompt that ends in its own
+    # turn marker (a chat template) must not (`input_eos: False`).
+    self.input_eos = bool(input_eos)
     self._pairs: dict[str, list[TextPair]] = {}
     self._tokenized: dict[str, list[dict]] = {}
     self.tokenizer = tokenizer
@@ -116,8 +122,8 @@ class Task:
   def num_examples(self, split: str) -> int:
     return len(self.pairs(split))
 
-  def _encode(self, text: str) -> np.ndarray:
-    return np.asarray(self.tokenizer.encode(text) + [self.tokenizer.eos_id], np.int32)
+  def _encode(self, text: str, eos: bool = True) -> np.ndarray:
+    return np.asarray(self.tokenizer.encode(text) + [self.tokenizer.eos_id] * eos, np.int32)
 
   def examples(self, split: str) -> Iterator[dict]:
     if self.tokenizer is None:
@@ -126,7 +132,7 @@ class Task:
       self._tokenized[split] = [
         {
           "example_index": i,
-          "inputs": self._encode(p.source),
+          "inputs": self._encode(p.source, self.input_eos),
           "targets": self._encode(p.target),
           "source_text": p.source,
           "target_text": p.target,
@@ -418,6 +424,7 @@ def get_task(config) -> Task:
     source_prefix=_get(config, "source_prefix", ""),
     source_template=_get(config, "source_template", "{source}"),
     max_examples=_get(config, "max_examples"),
+    input_eos=_get(config, "input_eos", True),
   )
   if kind == "synthetic":
     return SyntheticTask(
