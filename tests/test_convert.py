@@ -14,6 +14,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy as stnp
+from flax import nnx
+from jax.sharding import PartitionSpec
 
 from fdistill_jax.convert import (
   copy_layers,
@@ -26,6 +28,7 @@ from fdistill_jax.convert.hf import ConversionError, hf_model_config, load_hf
 from fdistill_jax.convert.hf_export import export_hf
 from fdistill_jax.convert.params import model_params
 from fdistill_jax.models import build_model, forward, get_preset
+from fdistill_jax.sharding import make_mesh
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 NAMES = ["t5", "t5_v1_1", "bart", "mbart", "llama", "llama_tied", "gpt2"]
@@ -328,3 +331,14 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
   model = build_model(get_preset("gpt2-tiny", tie_embeddings=False), 0)
   with pytest.raises(ConversionError, match="untied output head"):
     export_hf(model, tmp_path / "x")
+
+
+def test_load_onto_a_mesh():
+  """Parameters land sharded by the logical rules; the logits do not change."""
+  mesh = make_mesh({"data": 2, "fsdp": 2, "model": 2})
+  folder = os.path.join(FIXTURES, "llama")
+  model, _ = load_pretrained({"path": folder}, mesh=mesh)
+  wi = nnx.state(model, nnx.Param)["layers"][0]["mlp"]["wi_0"]["kernel"].get_value()
+  assert wi.sharding.spec == PartitionSpec("fsdp", "model")  # [embed, mlp]
+  assert len(wi.addressable_shards) == 8 and wi.addressable_shards[0].data.shape == (16, 32)
+  assert _max_err(model, _reference(folder)) <= 1e-4

@@ -62,8 +62,11 @@ def detect_kind(path: str) -> str:
   )
 
 
-def load_pretrained(spec):
-  """(model, ModelConfig) from a pretrained-teacher spec (see the module docstring)."""
+def load_pretrained(spec, *, mesh=None, rules=None):
+  """(model, ModelConfig) from a pretrained-teacher spec (see the module docstring).
+
+  With a `mesh`, parameters are placed sharded by `rules` as they are read.
+  """
   values = _as_dict(spec)
   path = values.pop("path", None)
   if not path:
@@ -72,9 +75,9 @@ def load_pretrained(spec):
   if kind == "auto":
     kind = detect_kind(path)
   if kind == "hf":
-    return load_hf(path, **values)
+    return load_hf(path, mesh=mesh, rules=rules, **values)
   if kind == "gguf":
-    return load_gguf(path, **values)
+    return load_gguf(path, mesh=mesh, rules=rules, **values)
   raise ConversionError(f"Pretrained spec: kind={kind!r} is not one of 'hf', 'gguf', 'auto'.")
 
 

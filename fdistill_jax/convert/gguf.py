@@ -188,9 +188,13 @@ def read_gguf(path: str):
   return hf, _tensor_source(reader, hf, path)
 
 
-def load_gguf(path: str, **overrides):
-  """(model, ModelConfig) from a LLaMA-family GGUF file; `overrides` set ModelConfig fields."""
+def load_gguf(path: str, *, mesh=None, rules=None, **overrides):
+  """(model, ModelConfig) from a LLaMA-family GGUF file.
+
+  `overrides` set ModelConfig fields; with a `mesh` the parameters are placed
+  sharded (see `params.assemble`).
+  """
   hf, src = read_gguf(path)
   config = hf_model_config(hf, os.fspath(path), **overrides)
   flat = convert_tensors(src, hf, config)
-  return assemble(config, flat, os.fspath(path)), config
+  return assemble(config, flat, os.fspath(path), mesh, rules), config

@@ -311,10 +311,11 @@ def safetensors_files(folder: str) -> list[str]:
   return paths
 
 
-def load_hf(folder: str, **overrides):
+def load_hf(folder: str, *, mesh=None, rules=None, **overrides):
   """(model, ModelConfig) from a Hugging Face checkpoint folder.
 
-  `overrides` set ModelConfig fields, typically `dtype` / `param_dtype`.
+  `overrides` set ModelConfig fields, typically `dtype` / `param_dtype`;
+  with a `mesh` the parameters are placed sharded (see `params.assemble`).
   """
   folder = os.fspath(folder)
   hf = read_hf_config(folder)
@@ -322,4 +323,4 @@ def load_hf(folder: str, **overrides):
   config = hf_model_config(hf, where, **overrides)
   src = TensorSource.from_safetensors(safetensors_files(folder))
   flat = convert_tensors(src, hf, config)
-  return assemble(config, flat, folder), config
+  return assemble(config, flat, folder, mesh, rules), config

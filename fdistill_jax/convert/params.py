@@ -16,11 +16,14 @@ import re
 import struct
 from collections.abc import Callable, Iterable
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
+from fdistill_jax import sharding
 from fdistill_jax.models import ModelConfig, build_model
 
 
@@ -152,12 +155,15 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], jnp.dt
   }
 
 
-def assemble(config: ModelConfig, flat: dict[str, np.ndarray], where: str):
+def assemble(config: ModelConfig, flat: dict[str, np.ndarray], where: str, mesh=None, rules=None):
   """A model for `config` holding exactly the arrays in `flat` (cast to param_dtype).
 
   The model is built abstractly (`nnx.eval_shape`), so no random weights are
-  allocated that would be overwritten at once.
+  allocated that would be overwritten at once. With a `mesh`, each parameter
+  goes straight to its sharding under `rules` (default
+  `fdistill_jax.sharding.DEFAULT_RULES`), never whole onto one device.
   """
+  rules = sharding.DEFAULT_RULES if rules is None else sharding.rules_from_config(rules)
   abstract = nnx.eval_shape(lambda: build_model(config, 0))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   if _flat(rest):
@@ -177,7 +183,13 @@ def assemble(config: ModelConfig, flat: dict[str, np.ndarray], where: str):
         f"Converted parameter {name} from {where}: the model expects shape "
         f"{tuple(want.shape)}, the conversion produced {tuple(flat[name].shape)}."
       )
-    var.set_value(jnp.asarray(flat[name], dtype=want.dtype))
+    value = np.asarray(flat[name]).astype(want.dtype)
+    if mesh is None:
+      var.set_value(jnp.asarray(value))
+    else:
+      names = var.get_metadata().get("out_sharding") or (None,) * value.ndim
+      spec = sharding.logical_to_spec(names, rules, mesh, value.shape)
+      var.set_value(jax.device_put(value, NamedSharding(mesh, spec)))
   return nnx.merge(graphdef, params, rest)
 
 
