@@ -342,3 +342,16 @@ def test_load_onto_a_mesh():
   assert wi.sharding.spec == PartitionSpec("fsdp", "model")  # [embed, mlp]
   assert len(wi.addressable_shards) == 8 and wi.addressable_shards[0].data.shape == (16, 32)
   assert _max_err(model, _reference(folder)) <= 1e-4
+
+
+def test_saved_copy_of_a_tied_head(tmp_path):
+  folder = _copy("llama_tied", tmp_path)
+  _edit_tensors(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}))
+  model, config = load_hf(folder)  # an identical copy is dropped
+  assert config.tie_embeddings and _max_err(model, _reference(folder)) <= 1e-4
+  _edit_tensors(folder, lambda t: t.update({"lm_head.weight": t["lm_head.weight"] + 1.0}))
+  with pytest.raises(ConversionError, match="differs from model.embed_tokens.weight"):
+    load_hf(folder)
+  model, config = load_hf(folder, tie_embeddings=False)
+  head = stnp.load_file(str(folder / "model.safetensors"))["lm_head.weight"]
+  np.testing.assert_array_equal(model_params(model)["lm_head.kernel"], head.T)

@@ -217,6 +217,24 @@ def hf_model_config(hf: dict, where: str = "config.json", **overrides) -> ModelC
 # ------------------------------------------------------------------------------
 
 
+def _tied_head(src: TensorSource, cfg: ModelConfig, embedding: str):
+  """Accounts for a `lm_head.weight` saved beside a tied embedding.
+
+  Some checkpoints store the tied head anyway; that copy is dropped. A head
+  that differs from the embedding is a separate head that config.json calls
+  tied (transformers 5 then leaves it untied), so the load stops instead of
+  silently using the embedding.
+  """
+  if "lm_head.weight" not in src:
+    return
+  shape = (cfg.vocab_size, cfg.d_model)
+  if not np.array_equal(src.take("lm_head.weight", shape), src.take(embedding, shape)):
+    raise ConversionError(
+      f"lm_head.weight in {src.where} ({src.folder}) differs from {embedding}, but "
+      "config.json says the head is tied; load with tie_embeddings=False to use the separate head."
+    )
+
+
 def _t5_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   # T5 scales the decoder output by d_model**-0.5 before a tied head; T5 v1.1
   # checkpoints carry a separate `lm_head` and no scaling. transformers 5
@@ -224,7 +242,7 @@ def _t5_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   # of the embedding, which the project's models express as an untied head.
   untied = hf.get("tie_word_embeddings", True) is False
   if not untied:
-    src.skip("lm_head.weight")
+    _tied_head(src, cfg, "shared.weight")
   entries = layout.t5_layout(cfg, head_from_embedding=not untied)
   aliases = [r"(encoder|decoder)\.embed_tokens\.weight"]
   return entries, aliases + [r".*EncDecAttention\.relative_attention_bias\.weight"]
@@ -233,7 +251,7 @@ def _t5_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
 def _bart_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   p = "model." if "model.shared.weight" in src else ""
   if cfg.tie_embeddings:
-    src.skip("lm_head.weight")
+    _tied_head(src, cfg, f"{p}shared.weight")
   if "final_logits_bias" in src:
     bias = src.take("final_logits_bias", (1, cfg.vocab_size))
     if np.any(bias != 0):
@@ -247,13 +265,13 @@ def _bart_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
 
 def _llama_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   if cfg.tie_embeddings:
-    src.skip("lm_head.weight")
+    _tied_head(src, cfg, "model.embed_tokens.weight")
   return layout.llama_layout(cfg), [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 
 
 def _gpt2_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   p = "transformer." if "transformer.wte.weight" in src else ""
-  src.skip("lm_head.weight")  # GPT-2's head is always the token embedding
+  _tied_head(src, cfg, f"{p}wte.weight")  # GPT-2's head is always the token embedding
   return layout.gpt2_layout(cfg, prefix=p), [rf"{p}h\.\d+\.attn\.(masked_)?bias"]
 
 

@@ -116,10 +116,6 @@ class TensorSource:
     self._taken.add(name)
     return np.asarray(read(), dtype=np.float32)
 
-  def skip(self, name: str):
-    """Marks an optional tensor (a tied copy, a buffer) as accounted for."""
-    self._taken.add(name)
-
   def unused(self) -> list[str]:
     return sorted(set(self._loaders) - self._taken)
 
