@@ -9,6 +9,7 @@ float64 numpy reference compute.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -99,9 +100,30 @@ def _worker(out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+def _teacher_pass_worker(out_dir: str) -> None:
+  """The teacher pass of tests/test_teacher_pass.py, on this process's devices."""
+  import jax
+
+  from fdistill_jax import distributed
+
+  distributed.initialize()
+  from tests.test_teacher_pass import run_pass
+
+  manifest = run_pass(os.path.join(out_dir, "records"))
+  assert (manifest is not None) == distributed.is_main_process()
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
+# Workers a test can start in several processes: `python tests/test_distributed.py
+# --worker NAME OUT_DIR` (NAME defaults to "collectives"). Later multi-process
+# tests (a few distill steps) add theirs here.
+WORKERS = {"collectives": _worker, "teacher_pass": _teacher_pass_worker}
+
+if __name__ == "__main__" and len(sys.argv) in (3, 4) and sys.argv[1] == "--worker":
   sys.path.insert(0, REPO)
-  _worker(sys.argv[2])
+  name = sys.argv[2] if len(sys.argv) == 4 else "collectives"
+  WORKERS[name](sys.argv[-1])
   sys.exit(0)
 
 
@@ -137,7 +159,14 @@ def _clean_env(devices: int) -> dict[str, str]:
   return env
 
 
-def _run_workers(out_dir, num_processes: int, devices: int, timeout=240):
+def spawn_workers(out_dir, num_processes: int, devices: int, worker="collectives", timeout=240):
+  """Runs WORKERS[worker] in `num_processes` processes with `devices` CPU devices each.
+
+  With more than one process they form one jax.distributed system over
+  localhost (FDISTILL_* variables, gloo collectives). Fails the test with
+  the worker's output if any process fails or the run exceeds `timeout`.
+  """
+  os.makedirs(out_dir, exist_ok=True)
   port = _free_port()
   procs = []
   for pid in range(num_processes):
@@ -150,7 +179,7 @@ def _run_workers(out_dir, num_processes: int, devices: int, timeout=240):
       )
     procs.append(
       subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--worker", str(out_dir)],
+        [sys.executable, os.path.abspath(__file__), "--worker", worker, str(out_dir)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -169,13 +198,16 @@ def _run_workers(out_dir, num_processes: int, devices: int, timeout=240):
     logs.append(out)
   for proc, log in zip(procs, logs, strict=True):
     assert proc.returncode == 0, f"worker failed (rc {proc.returncode}):\n{log[-4000:]}"
+  return logs
+
+
+def _run_workers(out_dir, num_processes: int, devices: int):
+  spawn_workers(out_dir, num_processes, devices)
   return [dict(np.load(os.path.join(out_dir, f"out_{i}.npz"))) for i in range(num_processes)]
 
 
 def test_two_processes_match_one_process_and_numpy(tmp_path):
   multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
-  multi_dir.mkdir()
-  single_dir.mkdir()
   multi = _run_workers(multi_dir, num_processes=2, devices=4)
   (single,) = _run_workers(single_dir, num_processes=1, devices=8)
   ref = _reference()
@@ -192,6 +224,23 @@ def test_two_processes_match_one_process_and_numpy(tmp_path):
     np.testing.assert_allclose(single[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
     for out in multi:
       np.testing.assert_allclose(out[key], single[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+def test_two_process_teacher_pass_writes_the_same_records(tmp_path):
+  from tests.test_teacher_pass import run_pass, shard_bytes
+
+  multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
+  spawn_workers(multi_dir, 2, 4, worker="teacher_pass", timeout=600)
+  # The one-process reference runs here, on this process's 8 devices.
+  single_manifest = run_pass(single_dir / "records")
+  multi, single = shard_bytes(multi_dir / "records"), shard_bytes(single_dir / "records")
+  # Process 0 wrote shards 0 and 2, process 1 shard 1: byte-identical to one process.
+  assert len(single) == 3
+  assert multi == single
+  manifest = json.loads((multi_dir / "records" / "manifest.json").read_text())
+  assert manifest["status"] == "complete"
+  assert manifest["shards"] == single_manifest["shards"]
 
 
 # --- SLURM node lists -------------------------------------------------------
