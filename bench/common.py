@@ -6,8 +6,8 @@ delimited by `<!-- bench:<name> begin -->` / `<!-- bench:<name> end -->`.
 
 Timing: `time_fn` returns the median wall time of `repeats` calls after
 `warmup` calls, each call blocked until its outputs are ready. `time_ab` times
-two functions in the same run, alternating which goes first in each round
-(A B, B A, A B, ...), so slow drift of a shared machine affects both sides
+two functions (`time_rotating`: any number) in the same run, rotating which
+goes first in each round (A B, B A, A B, ...), so slow drift of a shared machine affects both sides
 alike; ratios are taken of the medians.
 
 Memory: `compiled_memory` reads XLA's buffer assignment of the compiled
@@ -51,9 +51,18 @@ def setup_env() -> None:
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
-def parse_args(description: str, presets: Sequence[str] = ("cpu", "full")) -> argparse.Namespace:
-  """The common flags. `--preset auto` picks `cpu` on a CPU backend, else `full`."""
-  parser = argparse.ArgumentParser(description=description)
+def parse_args(
+  description: str,
+  presets: Sequence[str] = ("cpu", "full"),
+  add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+  """The common flags (+ a benchmark's own through `add_arguments`).
+  `--preset auto` picks `cpu` on a CPU backend, else `full`."""
+  parser = argparse.ArgumentParser(
+    description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  if add_arguments is not None:
+    add_arguments(parser)
   parser.add_argument(
     "--preset",
     default="auto",
@@ -132,22 +141,31 @@ def time_fn(fn: Callable, *args, warmup: int = 1, repeats: int = 5) -> float:
   return statistics.median(times)
 
 
+def time_rotating(fns: dict[str, Callable], *, warmup: int = 1, repeats: int = 5) -> dict:
+  """Median seconds of each zero-argument callable, timed in one run with the
+  order rotated every round (A B C, B C A, C A B, ...), after `warmup` rounds."""
+  names = list(fns)
+  for _ in range(warmup):
+    for name in names:
+      _block(fns[name]())
+  times = {name: [] for name in names}
+  for i in range(repeats):
+    shift = i % len(names)
+    for name in names[shift:] + names[:shift]:
+      start = time.perf_counter()
+      _block(fns[name]())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def time_ab(
   fn_a: Callable, fn_b: Callable, args_a=(), args_b=(), *, warmup: int = 1, repeats: int = 5
 ) -> tuple[float, float]:
   """Median seconds of A and of B, timed in alternating order in one run."""
-  for _ in range(warmup):
-    _block(fn_a(*args_a))
-    _block(fn_b(*args_b))
-  times = {"a": [], "b": []}
-  calls = {"a": (fn_a, args_a), "b": (fn_b, args_b)}
-  for i in range(repeats):
-    for side in ("a", "b") if i % 2 == 0 else ("b", "a"):
-      fn, args = calls[side]
-      start = time.perf_counter()
-      _block(fn(*args))
-      times[side].append(time.perf_counter() - start)
-  return statistics.median(times["a"]), statistics.median(times["b"])
+  out = time_rotating(
+    {"a": lambda: fn_a(*args_a), "b": lambda: fn_b(*args_b)}, warmup=warmup, repeats=repeats
+  )
+  return out["a"], out["b"]
 
 
 def compiled_memory(fn: Callable, *args) -> dict:

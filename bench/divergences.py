@@ -46,7 +46,9 @@ def run(args) -> dict:
       seconds = common.time_fn(fn, teacher, student, weights, warmup=args.warmup, repeats=repeats)
       figures[f"peak_mem_bytes/{name}/{dtype_name}"] = common.figure(mem["peak"], "bytes")
       figures[f"time_s/{name}/{dtype_name}"] = common.figure(seconds, "s")
-      print(f"{name:10s} {dtype_name:8s} {seconds:8.3f} s  {mem['peak'] / 2**20:9.1f} MiB", flush=True)
+      print(
+        f"{name:10s} {dtype_name:8s} {seconds:8.3f} s  {mem['peak'] / 2**20:9.1f} MiB", flush=True
+      )
     del teacher, student
   notes = [
     f"Loss = token-mean divergence(teacher, student) over logits {list(SHAPE)} with 100 of "
