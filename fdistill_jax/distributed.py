@@ -36,6 +36,7 @@ Config block (all optional; see `default_config()`):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import re
@@ -213,7 +214,10 @@ def _on_tpu_vm(env: Mapping[str, str]) -> bool:
     return False
   if any(k in env for k in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID")):
     return True
-  return os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+  # TPU chips show up as /dev/accel* (v4 and older) or /dev/vfio/* (v5e and newer);
+  # other accelerators can too, so also ask for the TPU runtime library.
+  has_chips = os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+  return has_chips and importlib.util.find_spec("libtpu") is not None
 
 
 def plan(config_or_flags: Any = None, env: Mapping[str, str] | None = None) -> Plan:
@@ -313,7 +317,13 @@ def initialize(config_or_flags: Any = None, env: Mapping[str, str] | None = None
   # gloo is JAX 0.10's default; set it anyway so CPU clusters do not depend on it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if p.method == "tpu":
-    jax.distributed.initialize(initialization_timeout=p.initialization_timeout)
+    try:
+      jax.distributed.initialize(initialization_timeout=p.initialization_timeout)
+    except (ValueError, RuntimeError) as e:
+      raise RuntimeError(
+        f"jax.distributed.initialize() failed on what looks like a Cloud TPU VM ({e}); "
+        f"for a single-host run without the TPU metadata server set {ENV_MODE}=off"
+      ) from e
   else:
     # Everything is resolved here; "deactivate" keeps JAX from re-detecting
     # SLURM/MPI and overriding what the user asked for.
