@@ -484,7 +484,7 @@ def finalize_manifest(directory: str) -> dict:
 
 def records_dir(config, workdir: str) -> str:
   """Where the teacher pass of `config` writes (and the trainer reads) records."""
-  tp = config.teacher_pass
+  tp = config.get("teacher_pass") or {}
   return tp.get("out_dir") or os.path.join(workdir, "teacher_records", tp.get("split", "train"))
 
 

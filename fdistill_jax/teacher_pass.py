@@ -146,12 +146,19 @@ def make_sampler(pc: PassConfig) -> Sampler:
 # ---------------------------------------------------------------------------
 
 
-def _fit(ids, length: int, eos_id: int) -> np.ndarray:
-  """Cuts a source to `length` tokens, keeping it EOS-terminated."""
+def _fit(ids, length: int, eos_id: int | None) -> np.ndarray:
+  """Cuts a source to `length` tokens as data/pipeline.py does.
+
+  With `eos_id` the first tokens are kept and the source stays
+  EOS-terminated; without (chat-template prompts, `task.input_eos = False`)
+  the last tokens are kept, since the prompt's end is what the model continues.
+  """
   ids = np.asarray(ids, np.int32)
-  if ids.size > length:
-    ids = np.concatenate([ids[: length - 1], [eos_id]]).astype(np.int32)
-  return ids
+  if ids.size <= length:
+    return ids
+  if eos_id is None:
+    return ids[-length:]
+  return np.concatenate([ids[: length - 1], [eos_id]]).astype(np.int32)
 
 
 def _shards(examples: Iterator[dict], per_shard: int, limit: int):
@@ -256,6 +263,7 @@ def teacher_pass(
     raise ValueError(f"batch_size {pc.batch_size} is not a multiple of {len(devices)} devices")
   sampler = sampler or make_sampler(pc)
   tokenizer, cfg = task.tokenizer, model.config
+  eos = tokenizer.eos_id if getattr(task, "input_eos", True) else None  # how sources are cut
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(
       f"task tokenizer has {tokenizer.vocab_size} ids, the teacher's vocabulary {cfg.vocab_size}"
@@ -318,7 +326,7 @@ def teacher_pass(
     for row, ex in enumerate(batch):
       rows.append(dict(
         example_index=int(ex["example_index"]),
-        inputs=_fit(ex["inputs"], pc.max_input_len, tokenizer.eos_id),
+        inputs=_fit(ex["inputs"], pc.max_input_len, eos),
         targets=np.asarray(ex["targets"], np.int32),
         **{name: value[row] for name, value in out.items()},
       ))  # fmt: skip
@@ -335,7 +343,7 @@ def teacher_pass(
         continue
       for start in range(0, len(examples), pc.batch_size):
         batch = examples[start : start + pc.batch_size]
-        arrays = _batch_arrays(batch, pc, cfg.pad_id, tokenizer.eos_id)
+        arrays = _batch_arrays(batch, pc, cfg.pad_id, eos)
         arrays = jax.device_put(arrays, batch_sharding)
         # Dispatched asynchronously: the devices run while the host goes on.
         out = _step(graphdef, pc, sampler, state, *arrays, key)
@@ -359,7 +367,7 @@ def _shards_flat(task, pc: PassConfig):
     yield from examples
 
 
-def _batch_arrays(batch: list[dict], pc: PassConfig, pad_id: int, eos_id: int):
+def _batch_arrays(batch: list[dict], pc: PassConfig, pad_id: int, eos_id: int | None):
   """Pads a list of examples to inputs, input_mask [B, S] and indices [B].
 
   Rows past the end of a short final batch have an all-zero mask; their

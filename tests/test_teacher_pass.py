@@ -5,6 +5,7 @@ this module is the child process of the SIGKILL test.
 """
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -306,6 +307,49 @@ def test_inspect_prints_manifest_and_decoded_records(reference, monkeypatch, cap
   first = next(FakeTask().examples("train"))
   assert f"input:  {FakeTokenizer().decode(first['inputs'])}" in out
   assert out.count("teacher[1] (log p") == 2
+
+
+def test_run_from_a_config(tmp_path, monkeypatch):
+  """configs/teacher_pass.py + a jsonl task + a trainer checkpoint -> readable records."""
+  from flax import nnx
+
+  from configs import tasks as task_configs
+  from configs import teacher_pass as pass_configs
+  from fdistill_jax import checkpoints
+  from fdistill_jax.data import tasks
+
+  lines = [
+    {"source": f"name {w} food {v}", "target": f"{w} serves {v}"} for w in "abc" for v in "xy"
+  ]
+  (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+  teacher = tiny_teacher()
+  saver = checkpoints.Checkpointer(str(tmp_path / "teacher"), async_save=False)
+  saver.save(1, {"params": nnx.to_pure_dict(nnx.state(teacher, nnx.Param))})
+  saver.close()
+
+  config = pass_configs.get_config()
+  config.task = task_configs.task_config(
+    "jsonl", files={"train": str(tmp_path / "train.jsonl")}, tokenizer={"kind": "word"}
+  )
+  config.teacher.model = models.get_preset("t5-tiny")
+  config.teacher.checkpoint = str(tmp_path / "teacher")
+  config.teacher_pass.update(
+    num_samples=2, batch_size=8, records_per_shard=4, max_input_len=8, max_target_len=5
+  )
+  monkeypatch.setattr(tp, "make_sampler", lambda pc: ancestral_sampler(2, pc.max_target_len))
+  tp.run(config, str(tmp_path / "work"))
+
+  directory = rec.records_dir(config, str(tmp_path / "work"))
+  assert directory == str(tmp_path / "work" / "teacher_records" / "train")
+  task = tasks.get_task(config.task)
+  reader = RecordReader(
+    directory, batch_size=6, num_epochs=1, expected_vocab_size=VOCAB,
+    expected_fingerprint=task.tokenizer.fingerprint(),
+  )  # fmt: skip
+  (batch,) = list(reader)
+  assert sorted(batch["example_index"].tolist()) == list(range(6))
+  manifest = rec.read_manifest(directory)
+  assert manifest["teacher"]["step"] == 1 and manifest["sampler"]["method"] == "beam_search"
 
 
 def _child(out_dir: str, kill_at_shard: int):
