@@ -199,7 +199,8 @@ setup_workers() {
   script="set -euo pipefail
 cd $REMOTE_DIR
 export PATH=\$HOME/.local/bin:\$PATH
-command -v uv >/dev/null || python3 -m pip install --user --quiet uv
+command -v uv >/dev/null || python3 -m pip install --user --quiet uv \
+  || curl -LsSf https://astral.sh/uv/install.sh | sh
 want=\$(sha256sum requirements.txt | cut -d' ' -f1)
 have=\$(cat \$HOME/$VENV/.fdistill_requirements 2>/dev/null || true)
 if [[ \"\$want\" != \"\$have\" ]]; then
@@ -208,7 +209,8 @@ if [[ \"\$want\" != \"\$have\" ]]; then
   uv pip install --quiet --python \$HOME/$VENV/bin/python -r requirements.txt \"jax[tpu]==\$jax_version\"
   echo \"\$want\" > \$HOME/$VENV/.fdistill_requirements
 fi
-\$HOME/$VENV/bin/python -c 'import jax; print(jax.__version__, jax.device_count(), \"TPU devices seen from\", jax.process_index())' || true"
+# Only the version: touching the TPU here would wait for every host of a pod.
+\$HOME/$VENV/bin/python -c 'import jax, fdistill_jax; print(\"\$(hostname): jax\", jax.__version__)'"
   on_workers "$script"
 }
 

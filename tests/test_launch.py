@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -350,3 +351,93 @@ def test_local_stops_everything_when_one_process_fails(tmp_path):
   )
   assert proc.returncode == 1
   assert "process 1 failed" in proc.stderr
+
+
+# A stand-in for gcloud: one "worker" whose home is $HOME; every call is logged.
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+shift 3  # compute tpus tpu-vm
+verb="$1"
+shift
+echo "$verb" >>"$FAKE_GCLOUD_LOG"
+case "$verb" in
+  describe) if [[ -f "$HOME/.created" ]]; then echo READY; else exit 1; fi ;;
+  create) touch "$HOME/.created" ;;
+  delete) rm -f "$HOME/.created" ;;
+  scp) cp "$1" "$HOME/${2#*:}" ;;
+  ssh)
+    for arg in "$@"; do
+      if [[ "$arg" == --command=* ]]; then cd "$HOME" && exec bash -c "${arg#--command=}"; fi
+    done
+    exit 9
+    ;;
+esac
+"""
+
+# The worker's venv python: records how the job was started, then idles.
+FAKE_VENV_PYTHON = r"""#!/usr/bin/env bash
+if [[ "$1" == -c ]]; then echo "jax (fake)"; exit 0; fi
+echo "FDISTILL_DISTRIBUTED=$FDISTILL_DISTRIBUTED cwd=$PWD args=$*" >"$HOME/job_started"
+exec sleep 60
+"""
+
+
+def test_tpu_pod_remote_steps_with_fake_gcloud(tmp_path):
+  """Runs tpu_pod.sh for real against a stand-in gcloud whose one worker is a local $HOME."""
+  home, bin_dir = tmp_path / "home", tmp_path / "bin"
+  (home / "fdistill_venv" / "bin").mkdir(parents=True)
+  bin_dir.mkdir()
+  for path, text in [
+    (bin_dir / "gcloud", FAKE_GCLOUD),
+    (bin_dir / "uv", "#!/usr/bin/env bash\nexit 0\n"),  # the venv is already "installed"
+    (home / "fdistill_venv" / "bin" / "python", FAKE_VENV_PYTHON),
+  ]:
+    path.write_text(text)
+    path.chmod(0o755)
+  env = _cpu_env()
+  env.update(
+    HOME=str(home),
+    TMPDIR=str(tmp_path),
+    PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+    FAKE_GCLOUD_LOG=str(tmp_path / "gcloud.log"),
+  )
+  flags = ["--zone=z", "--name=fd", "--workdir=gs://b/run", "--mode=distill", "--no_stream"]
+  # Any file of the repository passes the existence check; the fake job ignores it.
+  flags.append("--config=pyproject.toml")
+  pid_file = home / "fdistill_logs" / "main.pid"
+  try:
+    first = _run("tpu_pod.sh", *flags, "--", "--config.x=a b", env=env)
+    calls = (tmp_path / "gcloud.log").read_text().splitlines()
+    assert calls == ["describe", "create", "scp", "ssh", "ssh", "ssh"]
+    assert (home / "fdistill_jax" / "fdistill_jax" / "distributed.py").exists()  # code unpacked
+    assert (home / "fdistill_venv" / ".fdistill_requirements").exists()  # install stamped
+    assert "started pid" in first.stdout
+    for _ in range(50):  # the job starts in the background
+      if (home / "job_started").exists():
+        break
+      time.sleep(0.1)
+    started = (home / "job_started").read_text()
+    assert "FDISTILL_DISTRIBUTED=tpu" in started
+    assert started.split("cwd=")[1].startswith(str(home / "fdistill_jax"))
+    assert (
+      "args=-m fdistill_jax.main --config=pyproject.toml --workdir=gs://b/run --mode=distill "
+      "--config.x=a b"
+    ) in started
+    pid = int(pid_file.read_text())
+    os.kill(pid, 0)  # running
+
+    # Again: the slice and the running job are reused, nothing is restarted.
+    second = _run("tpu_pod.sh", *flags, env=env)
+    assert "reusing TPU VM fd (state READY)" in second.stderr
+    assert "already running" in second.stdout and "code left as is" in second.stdout
+    assert int(pid_file.read_text()) == pid
+
+    stop = _run("tpu_pod.sh", "--zone=z", "--name=fd", "--stop", env=env)
+    assert "stopped" in stop.stdout and not pid_file.exists()
+    _run("tpu_pod.sh", "--zone=z", "--name=fd", "--delete", env=env)
+    assert not (home / ".created").exists()
+  finally:
+    if pid_file.exists():
+      try:
+        os.kill(int(pid_file.read_text()), 15)
+      except ProcessLookupError:
+        pass
