@@ -279,7 +279,9 @@ def teacher_pass(
     pad_id=cfg.pad_id,
   )
   num_examples = sum(1 for _ in _shards_flat(task, pc))
-  num_shards = max(1, -(-num_examples // pc.records_per_shard))
+  if num_examples == 0:
+    raise ValueError(f"task {getattr(task, 'name', task)!r} split {pc.split!r} has no examples")
+  num_shards = -(-num_examples // pc.records_per_shard)
   header = {
     "schema_version": rec.SCHEMA_VERSION,
     "spec": dataclasses.asdict(spec),

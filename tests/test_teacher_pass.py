@@ -334,7 +334,12 @@ def test_run_from_a_config(tmp_path, monkeypatch):
   config.teacher.model = models.get_preset("t5-tiny")
   config.teacher.checkpoint = str(tmp_path / "teacher")
   config.teacher_pass.update(
-    num_samples=2, batch_size=8, records_per_shard=4, max_input_len=8, max_target_len=5
+    num_samples=2,
+    batch_size=8,
+    records_per_shard=4,
+    max_input_len=8,
+    max_target_len=5,
+    store_full_logprobs=True,
   )
   monkeypatch.setattr(tp, "make_sampler", lambda pc: ancestral_sampler(2, pc.max_target_len))
   tp.run(config, str(tmp_path / "work"))
@@ -348,6 +353,14 @@ def test_run_from_a_config(tmp_path, monkeypatch):
   )  # fmt: skip
   (batch,) = list(reader)
   assert sorted(batch["example_index"].tolist()) == list(range(6))
+  # Full-vocabulary log-probs: normalised, and the top-k are their largest entries.
+  full = batch["teacher_full_logprobs"]
+  chex.assert_shape(full, (6, 2, 5, VOCAB))
+  valid = batch["teacher_mask"].astype(bool)
+  mass = np.exp(full.astype(np.float64)).sum(-1)
+  np.testing.assert_allclose(mass[valid], 1.0, atol=VOCAB * 2**-9 / np.e)
+  top = np.take_along_axis(full, batch["teacher_topk_ids"], -1)
+  np.testing.assert_array_equal(top[valid], batch["teacher_topk_logprobs"][valid])
   manifest = rec.read_manifest(directory)
   assert manifest["teacher"]["step"] == 1 and manifest["sampler"]["method"] == "beam_search"
 
