@@ -199,3 +199,46 @@ def test_smollm2_gguf_tokenizer():
   assert ids[-2] == tok.eos_id
   assert tok._tok.decode(ids, skip_special_tokens=False) == prompt
   assert tok.decode(np.asarray(ids[1:])) == prompt[len("<|im_start|>") : -len("<|im_end|>\n")]
+
+
+def test_gguf_sentencepiece_tokenizer_matches_the_model_it_came_from(tmp_path):
+  """llama.cpp's 'llama' tokenizer metadata (pieces, scores, types) rebuilds the SPM model."""
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(CORPUS),
+    model_writer=buf,
+    vocab_size=300,
+    model_type="bpe",
+    byte_fallback=True,
+    # LLaMA's normaliser, which GGUF files do not record and llama.cpp assumes.
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    hard_vocab_limit=False,
+    minloglevel=2,
+  )
+  sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+  n = sp.get_piece_size()
+  path = str(tmp_path / "spm.gguf")
+  w = gguf.GGUFWriter(path, "llama")
+  w.add_tokenizer_model("llama")
+  w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+  w.add_token_scores([sp.get_score(i) for i in range(n)])
+  types = [
+    2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+    for i in range(n)
+  ]
+  w.add_token_types(types)
+  w.add_unk_token_id(sp.unk_id())
+  w.add_bos_token_id(sp.bos_id())
+  w.add_eos_token_id(sp.eos_id())
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  tok = tok_lib.load_tokenizer({"kind": "gguf", "path": path})
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (n, 1, 2, 2)
+  text = "the lazy  fox: ünïcode 狐 saves gold"  # unseen characters take the byte fallback
+  ids = tok.encode(text)
+  assert ids == sp.encode(text)
+  assert any(sp.is_byte(i) for i in ids)
+  assert tok.decode(ids + [tok.eos_id, 7]) == sp.decode(ids) == text

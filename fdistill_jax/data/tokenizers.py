@@ -1,8 +1,10 @@
 """One small tokenizer interface for every tokenizer the library reads.
 
 Implementations: SentencePiece models (T5 style), Hugging Face
-`tokenizer.json` files, the byte-level BPE embedded in GGUF files, and the
-word-level vocabulary of the built-in synthetic task.
+`tokenizer.json` files, the tokenizers embedded in GGUF files (byte-level
+BPE, or SentencePiece rebuilt from its pieces), and the word-level
+vocabulary of the built-in synthetic task. `load_tokenizer(spec)` builds one
+from a config.
 """
 
 from __future__ import annotations
@@ -92,14 +94,28 @@ class SentencePieceTokenizer(Tokenizer):
     pad_id: int | None = None,
     eos_id: int | None = None,
     bos_id: int | None = None,
+    vocab_size: int | None = None,
+    model_proto: bytes | None = None,
   ):
+    """`model_proto`, when given, is the serialized model and `path` only names it."""
     import sentencepiece as spm
 
-    self._path = _check_file(path, "SentencePiece tokenizer")
-    with open(self._path, "rb") as f:
-      self._proto = f.read()
+    if model_proto is None:
+      self._path = _check_file(path, "SentencePiece tokenizer")
+      with open(self._path, "rb") as f:
+        model_proto = f.read()
+    else:
+      self._path = os.fspath(path)
+    self._proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     self._extra_ids = int(extra_ids)
+    n = self._sp.get_piece_size() + self._extra_ids
+    self._vocab_size = n if vocab_size is None else int(vocab_size)
+    if self._vocab_size < n:
+      raise ValueError(
+        f"Tokenizer {self._path!r}: vocab_size={self._vocab_size} is smaller than the "
+        f"{n} ids the tokenizer can produce."
+      )
     sp_eos = self._sp.eos_id()
     self._eos = int(eos_id) if eos_id is not None else sp_eos
     if self._eos < 0:
@@ -113,7 +129,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   @property
   def vocab_size(self) -> int:
-    return self._sp.get_piece_size() + self._extra_ids
+    return self._vocab_size
 
   @property
   def pad_id(self) -> int:
@@ -291,24 +307,20 @@ class GGUFTokenizer(_HFBackedTokenizer):
   tokens, so chat markup in the text encodes to their single ids.
   """
 
-  def __init__(self, path: str, *, eos_id=None, pad_id=None, bos_id=None, vocab_size=None):
-    import gguf
+  def __init__(
+    self, path: str, *, eos_id=None, pad_id=None, bos_id=None, vocab_size=None, fields=None
+  ):
     from tokenizers import Tokenizer as _Tok
     from tokenizers import decoders, models
 
     path = _check_file(path, "GGUF tokenizer")
     where = repr(path)
-    fields = gguf.GGUFReader(path).fields
-
-    def field(key, default=None):
-      f = fields.get(key)
-      return default if f is None else f.contents()
-
+    field = _gguf_fields(path) if fields is None else fields
     kind = field("tokenizer.ggml.model")
     if kind != "gpt2":
       raise ValueError(
-        f"GGUF tokenizer {where}: tokenizer.ggml.model={kind!r}; only byte-level BPE ('gpt2') "
-        "is supported. Export the model's tokenizer.json and use kind='hf'."
+        f"GGUF tokenizer {where}: tokenizer.ggml.model={kind!r}; this class reads byte-level "
+        "BPE ('gpt2'); use gguf_tokenizer(), which also reads SentencePiece ('llama')."
       )
     tokens = field("tokenizer.ggml.tokens")
     merges = field("tokenizer.ggml.merges")
@@ -325,7 +337,6 @@ class GGUFTokenizer(_HFBackedTokenizer):
     def special(explicit, key):
       return explicit if explicit is not None else field(key)
 
-    self._meta = (path, len(tokens), len(merges))
     super().__init__(
       tok,
       eos_id=special(eos_id, "tokenizer.ggml.eos_token_id"),
@@ -336,6 +347,72 @@ class GGUFTokenizer(_HFBackedTokenizer):
     )
 
 
+def _gguf_fields(path: str):
+  """`field(key, default)` over a GGUF file's metadata."""
+  import gguf
+
+  fields = gguf.GGUFReader(path).fields
+
+  def field(key, default=None):
+    f = fields.get(key)
+    return default if f is None else f.contents()
+
+  return field
+
+
+def _spm_proto_from_gguf(field, where: str) -> bytes:
+  """A SentencePiece model rebuilt from llama.cpp's `llama` tokenizer metadata.
+
+  GGUF keeps SentencePiece's pieces, scores and piece types (the type codes
+  are SentencePiece's own); the normaliser is llama's: no NFKC, a dummy
+  prefix space unless `tokenizer.ggml.add_space_prefix` is false, spaces as
+  U+2581.
+  """
+  from sentencepiece import sentencepiece_model_pb2 as pb
+
+  tokens = field("tokenizer.ggml.tokens")
+  scores = field("tokenizer.ggml.scores")
+  types = field("tokenizer.ggml.token_type")
+  if tokens is None or scores is None or types is None:
+    raise ValueError(
+      f"GGUF tokenizer {where}: a 'llama' (SentencePiece) tokenizer needs tokenizer.ggml.tokens, "
+      ".scores and .token_type; some are missing."
+    )
+  proto = pb.ModelProto()
+  for piece, score, kind in zip(tokens, scores, types, strict=True):
+    proto.pieces.add(piece=piece, score=float(score), type=int(kind))
+  spec = proto.trainer_spec
+  spec.model_type = pb.TrainerSpec.BPE
+  spec.byte_fallback = any(int(k) == pb.ModelProto.SentencePiece.BYTE for k in types)
+  for name, key in (("unk", "unknown"), ("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+    value = field(f"tokenizer.ggml.{key}_token_id")
+    setattr(spec, f"{name}_id", -1 if value is None else int(value))
+  norm = proto.normalizer_spec
+  norm.name = "identity"
+  norm.add_dummy_prefix = bool(field("tokenizer.ggml.add_space_prefix", True))
+  norm.remove_extra_whitespaces = False
+  norm.escape_whitespaces = True
+  return proto.SerializeToString()
+
+
+def gguf_tokenizer(path: str, **overrides) -> Tokenizer:
+  """The tokenizer embedded in a GGUF file: byte-level BPE (`gpt2`) or SentencePiece (`llama`)."""
+  path = _check_file(path, "GGUF tokenizer")
+  field = _gguf_fields(path)
+  kind = field("tokenizer.ggml.model")
+  if kind == "llama":
+    return SentencePieceTokenizer(
+      path, model_proto=_spm_proto_from_gguf(field, repr(path)), **overrides
+    )
+  if kind == "gpt2":
+    return GGUFTokenizer(path, fields=field, **overrides)
+  raise ValueError(
+    f"GGUF tokenizer {path!r}: tokenizer.ggml.model={kind!r} is not supported (supported: "
+    "'gpt2' byte-level BPE, 'llama' SentencePiece). Export the model's tokenizer.json and use "
+    "kind='hf'."
+  )
+
+
 # ------------------------------------------------------------------------------
 # Factory.
 # ------------------------------------------------------------------------------
@@ -343,7 +420,7 @@ class GGUFTokenizer(_HFBackedTokenizer):
 _KINDS = {
   "sentencepiece": SentencePieceTokenizer,
   "hf": HFTokenizer,
-  "gguf": GGUFTokenizer,
+  "gguf": gguf_tokenizer,
 }
 _OPTIONAL_KEYS = ("eos_id", "pad_id", "bos_id", "vocab_size", "extra_ids")
 
