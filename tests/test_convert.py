@@ -252,7 +252,7 @@ def test_load_pretrained_dispatches_and_finds_tokenizer(tmp_path):
   folder = _copy("llama", tmp_path)
   model, config = load_pretrained({"path": str(folder), "dtype": "bfloat16"})
   assert config.dtype == "bfloat16" and config.family == "llama"
-  with pytest.raises(ConversionError, match="No tokenizer.json or spiece.model"):
+  with pytest.raises(ConversionError, match="No tokenizer.json, vocab.json or spiece.model"):
     tokenizer_spec({"path": str(folder)})
   (folder / "spiece.model").write_bytes(b"")
   assert tokenizer_spec({"path": str(folder), "kind": "hf"})["kind"] == "sentencepiece"

@@ -242,3 +242,16 @@ def test_gguf_sentencepiece_tokenizer_matches_the_model_it_came_from(tmp_path):
   assert ids == sp.encode(text)
   assert any(sp.is_byte(i) for i in ids)
   assert tok.decode(ids + [tok.eos_id, 7]) == sp.decode(ids) == text
+
+
+def test_hf_vocab_json_and_merges_txt_folder(tmp_path):
+  """GPT-2/BART's older layout: vocab.json + merges.txt, no tokenizer.json."""
+  hf = _byte_bpe(specials=("<s>", "<pad>", "</s>", "<|endoftext|>"))
+  hf.model.save(str(tmp_path))  # writes vocab.json and merges.txt
+  assert sorted(os.listdir(tmp_path)) == ["merges.txt", "vocab.json"]
+  tok = tok_lib.load_tokenizer({"kind": "hf", "path": str(tmp_path)})
+  assert (tok.bos_id, tok.pad_id, tok.eos_id) == (0, 1, 2)
+  text = "the early fox: 2 wörds</s>"
+  ids = tok.encode(text)
+  assert ids[:-1] == hf.encode(text[: -len("</s>")]).ids and ids[-1] == 2
+  assert tok.decode(ids) == text[: -len("</s>")]

@@ -90,12 +90,13 @@ def tokenizer_spec(spec) -> dict:
     kind = detect_kind(path)
   if kind == "gguf":
     return {"kind": "gguf", "path": path}
-  if os.path.isfile(os.path.join(path, "tokenizer.json")):
+  if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
     return {"kind": "hf", "path": path}
   spiece = os.path.join(path, "spiece.model")
   if os.path.isfile(spiece):
     # T5 checkpoints size the embedding for 100 sentinel ids beyond the model file.
     return {"kind": "sentencepiece", "path": spiece, "extra_ids": 100}
   raise ConversionError(
-    f"No tokenizer.json or spiece.model in {path!r}; set the task's tokenizer explicitly."
+    f"No tokenizer.json, vocab.json or spiece.model in {path!r}; set the task's tokenizer "
+    "explicitly."
   )

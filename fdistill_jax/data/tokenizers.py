@@ -232,7 +232,11 @@ def _first_present(tok, candidates) -> int | None:
 
 
 class HFTokenizer(_HFBackedTokenizer):
-  """A Hugging Face `tokenizer.json` (file, or a folder that holds one).
+  """A Hugging Face tokenizer folder or file.
+
+  `path` is a `tokenizer.json`, or a folder holding one, or a folder with the
+  older GPT-2/BART byte-level BPE pair `vocab.json` + `merges.txt` (the same
+  format as GPT-2's `encoder.json` + `vocab.bpe`).
 
   Special ids, in order of precedence: the explicit arguments, the
   `eos_token`/`pad_token`/`bos_token` of a `tokenizer_config.json` beside the
@@ -240,15 +244,11 @@ class HFTokenizer(_HFBackedTokenizer):
   """
 
   def __init__(self, path: str, *, eos_id=None, pad_id=None, bos_id=None, vocab_size=None):
-    import tokenizers
-
     path = os.fspath(path)
-    if os.path.isdir(path):
-      path = os.path.join(path, "tokenizer.json")
-    path = _check_file(path, "Hugging Face tokenizer")
-    tok = tokenizers.Tokenizer.from_file(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    tok, path = _read_hf_tokenizer(path)
     cfg = {}
-    cfg_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(cfg_path):
       with open(cfg_path) as f:
         cfg = json.load(f)
@@ -267,6 +267,27 @@ class HFTokenizer(_HFBackedTokenizer):
       vocab_size=vocab_size,
       where=repr(path),
     )
+
+
+def _read_hf_tokenizer(path: str):
+  """(tokenizers.Tokenizer, the file it came from) for HFTokenizer's accepted paths."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers
+
+  if os.path.isdir(path):
+    vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")) and os.path.isfile(vocab):
+      tok = tokenizers.Tokenizer(models.BPE.from_file(vocab, _check_file(merges, "BPE merges")))
+      tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+      tok.decoder = decoders.ByteLevel()
+      # Without tokenizer.json nothing marks the special tokens; the usual ones
+      # must still encode to their single ids when they appear in text.
+      known = _EOS_CANDIDATES + _PAD_CANDIDATES + _BOS_CANDIDATES + ("<unk>", "<mask>")
+      tok.add_special_tokens([t for t in known if tok.token_to_id(t) is not None])
+      return tok, vocab
+    path = os.path.join(path, "tokenizer.json")
+  path = _check_file(path, "Hugging Face tokenizer")
+  return tokenizers.Tokenizer.from_file(path), path
 
 
 # llama.cpp's names for the pre-tokenizer regexes (`tokenizer.ggml.pre`) that
