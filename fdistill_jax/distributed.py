@@ -10,7 +10,8 @@ a JAX device. It picks one way to start, in this order:
    (and optionally `FDISTILL_LOCAL_DEVICE_IDS`, e.g. "0" or "0,1"). Config wins
    over environment so a config file can pin a cluster; the launchers in
    `launch/` set the environment.
-3. SLURM: inside an `srun` step with `SLURM_NTASKS > 1`: process id
+3. SLURM: inside an `srun` step of more than one task (`SLURM_STEP_NUM_TASKS`,
+   else `SLURM_NTASKS`; the batch script itself is a one-task step): process id
    `SLURM_PROCID`, coordinator = first host of `SLURM_STEP_NODELIST` (or
    `SLURM_JOB_NODELIST`) on a port derived from the job id.
 4. TPU: on a Cloud TPU VM, `jax.distributed.initialize()` with no arguments
@@ -264,7 +265,10 @@ def plan(config_or_flags: Any = None, env: Mapping[str, str] | None = None) -> P
     return Plan("explicit", str(coord), n, p, local_ids, timeout)
 
   slurm_ok = "SLURM_PROCID" in env and "SLURM_NTASKS" in env
-  if mode == "slurm" or (mode == "auto" and slurm_ok and int(env.get("SLURM_NTASKS", "1")) > 1):
+  # The step's own task count: in the batch script SLURM_NTASKS is the whole
+  # allocation's, but only one process runs there.
+  slurm_tasks = _int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1"), "SLURM tasks")
+  if mode == "slurm" or (mode == "auto" and slurm_ok and slurm_tasks > 1):
     if not slurm_ok:
       raise ValueError(
         "distributed.mode=slurm but SLURM_PROCID / SLURM_NTASKS are not set: run under srun"
@@ -286,7 +290,7 @@ def plan(config_or_flags: Any = None, env: Mapping[str, str] | None = None) -> P
       platform = env.get("JAX_PLATFORMS", "")
       if tasks_here > 1 and len(visible) != 1 and "cpu" not in platform and "SLURM_LOCALID" in env:
         local_ids = (int(env["SLURM_LOCALID"]),)
-    n, p = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
+    n, p = slurm_tasks, int(env["SLURM_PROCID"])
     if n == 1:
       return Plan("single", initialization_timeout=timeout)
     return Plan("slurm", f"{head}:{port}", n, p, local_ids, timeout)

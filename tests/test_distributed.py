@@ -354,6 +354,9 @@ def test_plan_slurm():
   port_cfg = {"coordinator_port": 5555}
   assert distributed.plan(port_cfg, env=env).coordinator_address == "gpu07:5555"
   assert distributed.plan(None, env={**env, "SLURM_NTASKS": "1"}).method == "single"
+  # The batch script (a one-task step of a 16-task allocation) is no cluster either.
+  assert distributed.plan(None, env={**env, "SLURM_STEP_NUM_TASKS": "1"}).method == "single"
+  assert distributed.plan(None, env={**env, "SLURM_STEP_NUM_TASKS": "16"}).num_processes == 16
   with pytest.raises(ValueError, match="srun"):
     distributed.plan({"mode": "slurm"}, env={})
 
