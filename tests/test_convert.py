@@ -355,3 +355,13 @@ def test_saved_copy_of_a_tied_head(tmp_path):
   model, config = load_hf(folder, tie_embeddings=False)
   head = stnp.load_file(str(folder / "model.safetensors"))["lm_head.weight"]
   np.testing.assert_array_equal(model_params(model)["lm_head.kernel"], head.T)
+
+
+def test_legacy_fairseq_keys_do_not_change_bart(tmp_path):
+  """bart-large / mbart-large-cc25 configs carry keys transformers ignores; so do we."""
+  folder = _copy("bart", tmp_path)
+  legacy = {"normalize_before": True, "add_final_layer_norm": True, "add_bias_logits": False}
+  _edit_config(folder, lambda c: c.update(legacy))
+  model, config = load_hf(folder)
+  assert not config.normalize_before
+  assert _max_err(model, _reference(folder)) <= 1e-4

@@ -101,8 +101,9 @@ def _bart_config(hf, where):
     if hf.get(enc) != hf.get(dec):
       _unsupported(where, f"{enc}={hf.get(enc)} != {dec}={hf.get(dec)}")
   mbart = hf["model_type"] == "mbart"
-  if hf.get("add_bias_logits") or hf.get("add_final_layer_norm"):
-    _unsupported(where, "add_bias_logits / add_final_layer_norm")
+  # Older BART/mBART configs carry fairseq keys (normalize_before,
+  # add_final_layer_norm, add_bias_logits) that transformers' classes ignore:
+  # the class alone decides (BART post-norm, mBART pre-norm with final norms).
   return dict(
     vocab_size=hf["vocab_size"],
     d_model=hf["d_model"],
@@ -118,7 +119,7 @@ def _bart_config(hf, where):
     mlp_activation=_activation(hf.get("activation_function", "gelu"), where, "activation_function"),
     scale_embedding=bool(hf.get("scale_embedding", False)),
     tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
-    normalize_before=mbart or bool(hf.get("normalize_before", False)),
+    normalize_before=mbart,
   )
 
 
