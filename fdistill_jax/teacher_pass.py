@@ -300,6 +300,11 @@ def teacher_pass(
   if process_index != 0:
     rec.open_folder(out_dir, header)
 
+  if pc.records_per_shard % pc.batch_size:
+    logging.warning(
+      "records_per_shard %d is not a multiple of batch_size %d: every shard ends in a "
+      "partly empty batch", pc.records_per_shard, pc.batch_size,
+    )  # fmt: skip
   mine = [i for i in range(num_shards) if i % process_count == process_index]
   todo = {i for i in mine if rec.read_marker(out_dir, i, num_shards) is None}
   rec.remove_stale_temporaries(out_dir, [rec.shard_name(i, num_shards) for i in todo])
@@ -316,7 +321,8 @@ def teacher_pass(
   if progress:
     from tqdm import tqdm
 
-    total = min(num_examples, sum(pc.records_per_shard for _ in todo))
+    per = pc.records_per_shard
+    total = sum(min(per, num_examples - i * per) for i in todo)
     bar = tqdm(total=total, unit="ex", desc="teacher pass", smoothing=0.1)
   in_flight = []  # (shard index, examples, is the shard's last batch, device outputs)
   shard_rows: dict[int, list] = {}
