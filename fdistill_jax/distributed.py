@@ -255,7 +255,7 @@ def plan(config_or_flags: Any = None, env: Mapping[str, str] | None = None) -> P
       raise ValueError(
         "distributed: an explicit cluster needs coordinator_address, num_processes and "
         f"process_id (config keys distributed.* or ${ENV_COORDINATOR}, ${ENV_NUM_PROCESSES}, "
-        f"${ENV_PROCESS_ID}); missing {missing}, found { ({k: v for k, v in explicit.items()}) }"
+        f"${ENV_PROCESS_ID}); missing {missing}, found {explicit}"
       )
     n, p = _int(nproc, nproc_src), _int(pid, pid_src)
     if not 0 <= p < n:
