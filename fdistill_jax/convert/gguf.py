@@ -28,6 +28,7 @@ import numpy as np
 
 from fdistill_jax.convert.hf import convert_tensors, hf_model_config
 from fdistill_jax.convert.params import ConversionError, TensorSource, assemble
+from fdistill_jax.data.tokenizers import gguf_reader
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -174,13 +175,12 @@ def _tensor_source(reader, hf: dict, path: str) -> TensorSource:
 
 def read_gguf(path: str):
   """(HF-style config dict, TensorSource under HF names) of a GGUF file."""
-  import gguf
 
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ConversionError(f"Expected a GGUF file at {path!r}; found nothing there.")
   try:
-    reader = gguf.GGUFReader(path)
+    reader = gguf_reader(path)
   except (ValueError, OSError) as e:
     raise ConversionError(f"{path!r} is not a readable GGUF file: {e}") from e
   names = {t.name for t in reader.tensors}

@@ -10,6 +10,7 @@ from a config.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import os
@@ -368,11 +369,28 @@ class GGUFTokenizer(_HFBackedTokenizer):
     )
 
 
-def _gguf_fields(path: str):
-  """`field(key, default)` over a GGUF file's metadata."""
+@functools.lru_cache(maxsize=2)
+def _cached_gguf_reader(path: str, mtime_ns: int, size: int):
+  del mtime_ns, size  # part of the cache key only
   import gguf
 
-  fields = gguf.GGUFReader(path).fields
+  return gguf.GGUFReader(path)
+
+
+def gguf_reader(path: str):
+  """A `gguf.GGUFReader`, shared while the file is unchanged.
+
+  Parsing the metadata of a 49k-token vocabulary takes seconds, and a teacher
+  and its tokenizer read the same file.
+  """
+  path = os.path.realpath(path)
+  st = os.stat(path)
+  return _cached_gguf_reader(path, st.st_mtime_ns, st.st_size)
+
+
+def _gguf_fields(path: str):
+  """`field(key, default)` over a GGUF file's metadata."""
+  fields = gguf_reader(path).fields
 
   def field(key, default=None):
     f = fields.get(key)
