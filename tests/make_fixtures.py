@@ -142,7 +142,7 @@ def _decoder_only_logits(model, inputs, input_mask, targets, target_mask):
   return logits
 
 
-def make_t5(name, seed, **kw):
+def make_t5(name, seed, untie=False, **kw):
   cfg = tf.T5Config(
     vocab_size=VOCAB,
     d_model=D,
@@ -160,7 +160,6 @@ def make_t5(name, seed, **kw):
   )
   torch.manual_seed(seed)
   model = tf.T5ForConditionalGeneration(cfg).eval()
-  untie = cfg.feed_forward_proj == "gated-gelu"
   if untie:
     model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
     model.config.scale_decoder_outputs = False
@@ -264,7 +263,9 @@ def main():
   torch.set_default_dtype(torch.float32)
   os.makedirs(OUT, exist_ok=True)
   make_t5("t5", 1, feed_forward_proj="relu")
-  make_t5("t5_v1_1", 2, feed_forward_proj="gated-gelu")
+  make_t5("t5_v1_1", 2, untie=True, feed_forward_proj="gated-gelu")
+  # As transformers 5 saves v1.1: tied, with `scale_decoder_outputs: false`.
+  make_t5("t5_v1_1_tf5", 8, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
   make_bart("bart", 3, tf.BartConfig, tf.BartForConditionalGeneration)
   make_bart("mbart", 4, tf.MBartConfig, tf.MBartForConditionalGeneration, scale_embedding=True)
   make_llama("llama", 5, tie_word_embeddings=False, rope_theta=500.0)

@@ -241,10 +241,9 @@ def _t5_plan(src: TensorSource, cfg: ModelConfig, hf: dict):
   # checkpoints carry a separate `lm_head` and no scaling. transformers 5
   # saves v1.1 as tied with `scale_decoder_outputs: false`: an unscaled copy
   # of the embedding, which the project's models express as an untied head.
-  untied = hf.get("tie_word_embeddings", True) is False
-  if not untied:
+  if cfg.tie_embeddings:
     _tied_head(src, cfg, "shared.weight")
-  entries = layout.t5_layout(cfg, head_from_embedding=not untied)
+  entries = layout.t5_layout(cfg, head_from_embedding="lm_head.weight" not in src)
   aliases = [r"(encoder|decoder)\.embed_tokens\.weight"]
   return entries, aliases + [r".*EncDecAttention\.relative_attention_bias\.weight"]
 
