@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec
 from fdistill_jax.convert import (
   copy_layers,
   load_pretrained,
+  pretrained_config,
   spread_layers,
   student_from_teacher,
   tokenizer_spec,
@@ -252,6 +253,7 @@ def test_load_pretrained_dispatches_and_finds_tokenizer(tmp_path):
   folder = _copy("llama", tmp_path)
   model, config = load_pretrained({"path": str(folder), "dtype": "bfloat16"})
   assert config.dtype == "bfloat16" and config.family == "llama"
+  assert pretrained_config({"path": str(folder), "dtype": "bfloat16"}) == config
   with pytest.raises(ConversionError, match="No tokenizer.json, vocab.json or spiece.model"):
     tokenizer_spec({"path": str(folder)})
   (folder / "spiece.model").write_bytes(b"")

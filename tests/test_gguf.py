@@ -19,7 +19,7 @@ import safetensors.numpy as stnp
 from flax import nnx
 
 from fdistill_jax import models
-from fdistill_jax.convert import load_pretrained, student_from_teacher
+from fdistill_jax.convert import load_pretrained, pretrained_config, student_from_teacher
 from fdistill_jax.convert.gguf import load_gguf, unpermute_rope_rows
 from fdistill_jax.convert.hf import convert_tensors, hf_model_config
 from fdistill_jax.convert.params import ConversionError, TensorSource, assemble, model_params
@@ -115,7 +115,9 @@ def test_unpermute_inverts_llama_cpp_permute():
 
 @pytest.mark.parametrize("fixture", ["llama", "llama_tied"])
 def test_f32_gguf_matches_pytorch(tmp_path, fixture):
-  model, config = load_gguf(write_tiny_gguf(tmp_path / "m.gguf", fixture))
+  path = write_tiny_gguf(tmp_path / "m.gguf", fixture)
+  model, config = load_gguf(path)
+  assert pretrained_config({"kind": "auto", "path": path}) == config
   assert (config.kv_heads, config.tie_embeddings) == (KV_HEADS, fixture == "llama_tied")
   assert config.rope_theta == (500.0 if fixture == "llama" else 10000.0)
   assert _max_err(model, fixture) <= 1e-4

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 
-from fdistill_jax.convert.gguf import load_gguf
-from fdistill_jax.convert.hf import load_hf
+from fdistill_jax.convert.gguf import load_gguf, read_gguf
+from fdistill_jax.convert.hf import hf_model_config, load_hf, read_hf_config
 from fdistill_jax.convert.hf_export import export_hf
 from fdistill_jax.convert.params import ConversionError
 from fdistill_jax.convert.student_init import copy_layers, spread_layers, student_from_teacher
@@ -33,6 +33,7 @@ __all__ = [
   "load_gguf",
   "load_hf",
   "load_pretrained",
+  "pretrained_config",
   "spread_layers",
   "student_from_teacher",
   "tokenizer_spec",
@@ -78,6 +79,29 @@ def load_pretrained(spec, *, mesh=None, rules=None):
     return load_hf(path, mesh=mesh, rules=rules, **values)
   if kind == "gguf":
     return load_gguf(path, mesh=mesh, rules=rules, **values)
+  raise ConversionError(f"Pretrained spec: kind={kind!r} is not one of 'hf', 'gguf', 'auto'.")
+
+
+def pretrained_config(spec):
+  """The `ModelConfig` that `load_pretrained(spec)` would build, from metadata only.
+
+  Cheap enough for config files: reads config.json or the GGUF header, no
+  weights. Experiment configs use it to set `teacher.model` and to derive
+  the student's architecture from the teacher's.
+  """
+  values = _as_dict(spec)
+  path = values.pop("path", None)
+  if not path:
+    raise ConversionError(f"Pretrained spec needs a path; got {values}.")
+  kind = values.pop("kind", "auto") or "auto"
+  if kind == "auto":
+    kind = detect_kind(path)
+  if kind == "hf":
+    where = os.path.join(os.fspath(path), "config.json")
+    return hf_model_config(read_hf_config(path), where, **values)
+  if kind == "gguf":
+    hf, _ = read_gguf(path)
+    return hf_model_config(hf, os.fspath(path), **values)
   raise ConversionError(f"Pretrained spec: kind={kind!r} is not one of 'hf', 'gguf', 'auto'.")
 
 
