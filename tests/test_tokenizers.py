@@ -101,7 +101,7 @@ def test_hf_tokenizer_json_round_trip(tmp_path):
   ids = tok.encode(text)
   assert min(ids) > 2
   assert tok.decode(ids + [tok.eos_id, 5, 6]) == text
-  assert tok.decode([*ids, tok.pad_id]) == text
+  assert tok.decode([tok.bos_id, *ids, tok.pad_id]) == text
   # vocab_size may be raised to the model's (padded) embedding size, not lowered.
   big = tok_lib.load_tokenizer({"kind": "hf", "path": str(tmp_path), "vocab_size": 512})
   assert big.vocab_size == 512

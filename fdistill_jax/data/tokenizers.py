@@ -42,7 +42,7 @@ class Tokenizer(abc.ABC):
 
   @abc.abstractmethod
   def decode(self, ids) -> str:
-    """Text of `ids`; stops at the first EOS and skips padding."""
+    """Text of `ids`; stops at the first EOS and skips padding and BOS."""
 
   @abc.abstractmethod
   def _fingerprint_bytes(self) -> bytes:
@@ -210,7 +210,10 @@ class _HFBackedTokenizer(Tokenizer):
     return list(self._tok.encode(text, add_special_tokens=False).ids)
 
   def decode(self, ids) -> str:
-    return self._tok.decode(_stop_at_eos(ids, self._eos, self._pad), skip_special_tokens=False)
+    # BART-style models emit BOS as their first token (forced_bos_token_id);
+    # it is markup, not text. Other special tokens are kept.
+    kept = [i for i in _stop_at_eos(ids, self._eos, self._pad) if i != self._bos]
+    return self._tok.decode(kept, skip_special_tokens=False)
 
   def _fingerprint_bytes(self) -> bytes:
     return self._tok.to_str().encode()
