@@ -38,8 +38,10 @@ from jax.sharding import PartitionSpec as P
 from fdistill_jax import models
 from fdistill_jax import records as rec
 
-# (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) ->
-#   (tokens [B, N, T] int32, lengths [B, N] int32); runs inside jit.
+# (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
+# decoding.DecodeResult (tokens [B, N, T], lengths [B, N] are used); runs
+# inside jit and is a static argument there, so it must hash by value
+# (decoding.ModelSampler does).
 Sampler = Callable
 
 
@@ -96,7 +98,8 @@ def _teacher_outputs(model, pc: PassConfig, sampler: Sampler, inputs, input_mask
   Positions past a sequence's length are zero (tokens: pad_id).
   """
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-  tokens, lengths = sampler(model, inputs, input_mask, keys)
+  result = sampler(model, inputs, input_mask, keys)
+  tokens, lengths = result.tokens, result.lengths
   t = tokens.shape[-1]
   valid = jnp.arange(t) < lengths[..., None]  # [B, N, T]
 

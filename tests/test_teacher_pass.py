@@ -4,7 +4,6 @@ Run as a script (`python -m tests.test_teacher_pass OUT_DIR KILL_AT_SHARD`),
 this module is the child process of the SIGKILL test.
 """
 
-import functools
 import json
 import os
 import signal
@@ -59,33 +58,6 @@ class FakeTask:
       yield dict(example_index=i, inputs=inputs, targets=targets, source_text="", target_text="")
 
 
-@functools.cache
-def ancestral_sampler(num_samples, max_len):
-  """A plain per-example-keyed sampler (t=1), independent of fdistill_jax.decoding."""
-
-  def sampler(model, inputs, input_mask, keys):
-    b, n = inputs.shape[0], num_samples
-    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
-    state = models.init_decode_state(model, rep(inputs), rep(input_mask), max_len)
-    token = models.start_tokens(model, rep(inputs), rep(input_mask))
-    row_keys = jax.vmap(lambda k: jax.random.split(k, n))(keys).reshape(b * n)
-
-    def body(carry, t):
-      state, token, done, length = carry
-      logits, state = models.decode_step(model, state, token)
-      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
-      nxt = jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
-      nxt = jnp.where(done, PAD, nxt)
-      length = length + (~done).astype(jnp.int32)
-      return (state, nxt, done | (nxt == EOS), length), nxt
-
-    init = (state, token, jnp.zeros(b * n, bool), jnp.zeros(b * n, jnp.int32))
-    (_, _, _, lengths), tokens = jax.lax.scan(body, init, jnp.arange(max_len))
-    return tokens.T.reshape(b, n, max_len), lengths.reshape(b, n)
-
-  return sampler
-
-
 PASS = tp.PassConfig(
   num_samples=2,
   top_k=5,
@@ -102,11 +74,9 @@ def tiny_teacher():
 
 
 def run_pass(out_dir, pc=PASS, num_examples=10, **kwargs):
-  sampler = ancestral_sampler(pc.num_samples, pc.max_target_len)
   return tp.teacher_pass(
-    tiny_teacher(), FakeTask(num_examples), str(out_dir), pc, sampler=sampler, progress=False,
-    **kwargs,
-  )  # fmt: skip
+    tiny_teacher(), FakeTask(num_examples), str(out_dir), pc, progress=False, **kwargs
+  )
 
 
 def shard_bytes(directory):
@@ -309,7 +279,7 @@ def test_inspect_prints_manifest_and_decoded_records(reference, monkeypatch, cap
   assert out.count("teacher[1] (log p") == 2
 
 
-def test_run_from_a_config(tmp_path, monkeypatch):
+def test_run_from_a_config(tmp_path):
   """configs/teacher_pass.py + a jsonl task + a trainer checkpoint -> readable records."""
   from flax import nnx
 
@@ -341,7 +311,6 @@ def test_run_from_a_config(tmp_path, monkeypatch):
     max_target_len=5,
     store_full_logprobs=True,
   )
-  monkeypatch.setattr(tp, "make_sampler", lambda pc: ancestral_sampler(2, pc.max_target_len))
   tp.run(config, str(tmp_path / "work"))
 
   directory = rec.records_dir(config, str(tmp_path / "work"))
