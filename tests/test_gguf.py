@@ -12,13 +12,12 @@ import os
 
 import gguf
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy as stnp
 from flax import nnx
 
-from fdistill_jax import models
+from fdistill_jax import decoding, models
 from fdistill_jax.convert import load_pretrained, pretrained_config, student_from_teacher
 from fdistill_jax.convert.gguf import load_gguf, unpermute_rope_rows
 from fdistill_jax.convert.hf import convert_tensors, hf_model_config
@@ -188,28 +187,19 @@ CHATML = (
 )
 
 
-def greedy(model, prompt_ids, max_len, eos_id):
-  """Greedy continuation of one prompt through init_decode_state / decode_step."""
+def greedy(model, prompt_ids, max_len):
+  """Greedy continuation of one prompt with the project's sampler (one jitted while_loop)."""
   ids = np.asarray([prompt_ids], np.int32)
   mask = np.ones_like(ids, np.float32)
+  sampler = decoding.make_model_sampler("greedy", max_len=max_len)
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def init(state):
-    return models.init_decode_state(nnx.merge(graphdef, state), ids, mask, max_len)
+  def run(state):
+    return sampler(nnx.merge(graphdef, state), ids, mask, None)
 
-  @jax.jit
-  def step(state, cache, tokens):
-    return models.decode_step(nnx.merge(graphdef, state), cache, tokens)
-
-  cache, tokens, out = init(state), models.start_tokens(model, ids, mask), []
-  for _ in range(max_len):
-    logits, cache = step(state, cache, tokens)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    out.append(int(tokens[0]))
-    if out[-1] == eos_id:
-      break
-  return out
+  result = run(state)
+  return np.asarray(result.tokens[0, 0, : int(result.lengths[0, 0])]).tolist()
 
 
 @pytest.mark.slow
@@ -235,7 +225,7 @@ def test_smollm2_answers_paris():
   tok = load_tokenizer(config.task.tokenizer)
   assert tok.vocab_size == model_cfg.vocab_size and tok.eos_id == model_cfg.eos_id
   prompt = tok.encode(CHATML.format("What is the capital of France?"))
-  answer = tok.decode(greedy(model, prompt, 16, tok.eos_id))
+  answer = tok.decode(greedy(model, prompt, 16))
   assert "Paris" in answer, answer
   # The example student: 4 of the 30 layers.
   student, student_cfg = student_from_teacher(model, config.student.init)
