@@ -1,0 +1,201 @@
+"""Training checkpoints (orbax) and preemption handling.
+
+A checkpoint holds two items:
+
+* `state`: the train state pytree (params, optimizer state, step, PRNG key
+  as raw uint32 key data), written asynchronously by orbax while training
+  continues, and restored directly onto the shardings the caller asks for
+  (so a restored run never materialises whole parameters on one device).
+* `meta`: a small JSON dict (the data position, the config's objective) so
+  the input stream resumes exactly where it stopped.
+
+orbax writes each step into a temporary folder and renames it when complete,
+so a process killed mid-save (SIGKILL) leaves the previous checkpoints
+usable and `latest_step()` never sees the partial one.
+
+Preemption: `PreemptionGuard` installs a SIGTERM handler that only sets a
+flag; the training loop checks `guard.requested` at each step boundary,
+saves, waits for the write and exits cleanly. Doing the save in the loop
+(not in the handler) keeps it off the signal path, where JAX calls are not
+safe.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+  """A `CheckpointManager` with the train-state and metadata items."""
+
+  def __init__(
+    self,
+    directory: str,
+    *,
+    max_to_keep: int | None = 3,
+    save_interval_steps: int = 1000,
+    async_save: bool = True,
+  ):
+    """Checkpoints in `directory` (created if needed).
+
+    Args:
+      max_to_keep: newest checkpoints kept (None: all).
+      save_interval_steps: `maybe_save` saves when step % interval == 0.
+      async_save: write in a background thread (`wait_until_finished` blocks).
+    """
+    self.directory = os.path.abspath(directory)
+    self.save_interval_steps = save_interval_steps
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      save_interval_steps=1,  # the interval is applied in `maybe_save`
+      enable_async_checkpointing=async_save,
+      create=True,
+      cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, meta: dict | None = None, *, force: bool = True) -> bool:
+    """Starts writing `state` and `meta` as `step` (async); True if a save started."""
+    if step in self.manager.all_steps():
+      return False
+    # The caller donates `state` to its next step right after this returns.
+    # orbax schedules the device-to-host copy before returning, but on the CPU
+    # backend a "host copy" can alias the very buffer the next step reuses;
+    # an explicit device copy makes the saved values immune to that.
+    if any(d.platform == "cpu" for d in _devices(state)):
+      state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+    saved = self.manager.save(
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta or {}))
+      ),
+      force=force,
+    )
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def maybe_save(self, step: int, state, meta: dict | None = None) -> bool:
+    if self.save_interval_steps and step % self.save_interval_steps == 0:
+      return self.save(step, state, meta)
+    return False
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, meta) of `step` (default: the latest), or None when there is none.
+
+    `abstract_state`: a pytree of `jax.ShapeDtypeStruct` with `sharding` set
+    (e.g. `jax.tree.map(abstract_like, state)`): arrays are read straight
+    onto those shardings.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    restored = self.manager.restore(
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+      ),
+    )
+    logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    return restored["state"], dict(restored["meta"] or {})
+
+  def wait_until_finished(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _devices(tree):
+  """The devices holding the arrays of `tree` (at most the first array's)."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array):
+      return list(leaf.devices())
+  return []
+
+
+def abstract_like(x):
+  """`ShapeDtypeStruct` of an array, keeping its sharding (a restore target)."""
+  sharding = getattr(x, "sharding", None)
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def _jsonable(value):
+  """Numpy scalars and tuples -> plain JSON types."""
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+class PreemptionGuard:
+  """Context manager: SIGTERM (and optionally SIGINT) sets `requested` instead of killing.
+
+  Only the main thread can install signal handlers; elsewhere the guard is
+  inert (it never reports a request), which is what a test harness running
+  the loop in a thread wants.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self.signals = tuple(signals)
+    self._event = threading.Event()
+    self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def request(self):
+    """Marks a preemption (as the signal would); the loop saves and stops."""
+    self._event.set()
+
+  def _handler(self, signum, frame):
+    del frame
+    logging.warning("signal %d: will checkpoint at the next step boundary and exit", signum)
+    self._event.set()
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.signals:
+        self._previous[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous.clear()
+    return False
+
+
+def preemption_requested(guard: PreemptionGuard) -> bool:
+  """The guard's flag, agreed across processes: any host's SIGTERM stops all of them.
+
+  With several processes every host must take the same branch (the save is
+  a collective), so the flags are OR-ed with a tiny all-reduce.
+  """
+  local = guard.requested
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.asarray([local], np.int32))
+  return bool(np.any(flags))

@@ -1,0 +1,833 @@
+"""Training loops: f-DISTILL distillation (`run`) and MLE training (`run_teacher`).
+
+One optimizer update is one jitted call of the step built by `make_train_step`:
+
+1. The batch (global, sharded over the mesh's data and fsdp axes) is split
+   into `grad_accum_steps` micro-batches, scanned over.
+2. Per micro-batch, the sources the objective reads are assembled
+   (`objectives.OBJECTIVES[name].sources`): teacher sequences from the
+   records (`[B, N, T]` flattened to `[B * N, T]`), student samples drawn
+   *inside* the step with the configured sampler (greedy for ENGINE) under
+   `stop_gradient`, and the ground truth.
+3. The teacher (frozen; a non-donated argument, never checkpointed) runs
+   only on the rows whose objective needs its distribution and that the
+   records' top-k cannot serve.
+4. The student runs once on all its rows, concatenated along the batch
+   axis, and the loss of `objectives.compute_loss` is differentiated.
+5. Clipped, scheduled AdamW or Adafactor update; embeddings optionally frozen.
+
+The train state is a plain pytree `{"params", "opt_state", "step", "rng"}`
+donated to the step; its shardings come from the parameters' logical axes
+(`sharding.py`). PRNG keys for sampling derive from (seed, step,
+example_index), so the samples do not depend on the device count, the
+micro-batch split or a restart. Metrics are (sum, count) pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fdistill_jax import checkpoints, models, objectives, sharding
+from fdistill_jax.fused_head import TeacherTopK
+
+Array = jax.Array
+
+# ---------------------------------------------------------------------------
+# Models as (graphdef, template, params) so jitted code takes plain pytrees.
+# ---------------------------------------------------------------------------
+
+
+class Frozen:
+  """A model split for jit: static `graphdef` + `template`, and `params` (pure dict)."""
+
+  def __init__(self, model: nnx.Module):
+    self.graphdef, state = nnx.split(model, nnx.Param)
+    self.template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    self.params = nnx.to_pure_dict(state)
+    self.config = model.config
+
+  def merge(self, params) -> nnx.Module:
+    """The model with `params` (works on tracers inside jit)."""
+    state = jax.tree.map(lambda x: x, self.template)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+  def shardings(self, mesh, rules=sharding.DEFAULT_RULES):
+    return nnx.to_pure_dict(sharding.named_shardings(self.template, mesh, rules))
+
+
+# ---------------------------------------------------------------------------
+# Optimizer.
+# ---------------------------------------------------------------------------
+
+
+def learning_rate_schedule(tc) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then linear decay to 0."""
+  warmup = max(int(tc.warmup_steps), 0)
+  total = max(int(tc.num_train_steps), warmup + 1)
+  up = optax.linear_schedule(0.0, tc.learning_rate, max(warmup, 1))
+  down = optax.linear_schedule(tc.learning_rate, 0.0, total - warmup)
+  if warmup == 0:
+    return down
+  return optax.join_schedules([up, down], [warmup])
+
+
+def _is_embedding(path) -> bool:
+  keys = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+  return bool(keys & {"embed", "positions"})
+
+
+def make_optimizer(tc) -> optax.GradientTransformation:
+  """Clip-by-global-norm + AdamW or Adafactor (`tc.optimizer`), embeddings optionally frozen."""
+  schedule = learning_rate_schedule(tc)
+  if tc.optimizer == "adamw":
+    opt = optax.adamw(
+      schedule, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps, weight_decay=tc.weight_decay
+    )
+  elif tc.optimizer == "adafactor":
+    # The original EN-RO runs: Adafactor(scale_parameter=False, relative_step=False).
+    opt = optax.adafactor(
+      learning_rate=schedule, multiply_by_parameter_scale=False, weight_decay_rate=None
+    )
+  else:
+    raise ValueError(f"train.optimizer: expected 'adamw' or 'adafactor', found {tc.optimizer!r}")
+  tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), opt)
+  if tc.freeze_embeddings:
+
+    def labels(params):
+      return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if _is_embedding(path) else "train", params
+      )
+
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx
+
+
+# ---------------------------------------------------------------------------
+# The jitted step.
+# ---------------------------------------------------------------------------
+
+
+def _fit_length(x: Array, length: int, fill) -> Array:
+  """Pads or cuts axis 1 of `x [R, T, ...]` to `length`."""
+  t = x.shape[1]
+  if t == length:
+    return x
+  if t > length:
+    return x[:, :length]
+  pad = [(0, 0), (0, length - t)] + [(0, 0)] * (x.ndim - 2)
+  return jnp.pad(x, pad, constant_values=fill)
+
+
+def _flatten_samples(x: Array, n: int) -> Array:
+  """`[B, N, ...]` -> the first n samples as `[B * n, ...]`."""
+  x = x[:, :n]
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def _sample_result(result):
+  """Sampler output -> (tokens [B, n, T], lengths [B, n])."""
+  if hasattr(result, "tokens"):
+    return result.tokens, result.lengths
+  return result[0], result[-1]
+
+
+def default_sampler(decoding: str, sampler_cfg, max_len: int):
+  """The trainer's student sampler: (model, inputs, input_mask, keys) -> (tokens, lengths)."""
+  from fdistill_jax import decoding as dec
+
+  if decoding == "greedy":
+    return dec.make_model_sampler("greedy", num_samples=1, max_len=max_len)
+  params = dict(sampler_cfg.params) if "params" in sampler_cfg else {}
+  return dec.make_model_sampler(
+    sampler_cfg.name, num_samples=sampler_cfg.num_samples, max_len=max_len, **params
+  )
+
+
+def make_train_step(
+  obj_cfg: objectives.ObjectiveConfig,
+  student: Frozen,
+  tx: optax.GradientTransformation,
+  *,
+  teacher: Frozen | None = None,
+  sampler: Callable | None = None,
+  grad_accum_steps: int = 1,
+  num_teacher_samples: int = 1,
+  max_target_len: int,
+  use_topk: bool = True,
+  dropout: bool = False,
+):
+  """`step(state, batch, teacher_params) -> (state, metrics)`, not yet jitted.
+
+  Args:
+    obj_cfg: the objective.
+    student / teacher: the split models (teacher None when not needed).
+    sampler: student sampler (see `default_sampler`); needed when the
+      objective reads student samples.
+    num_teacher_samples: how many of the records' N teacher sequences per
+      input are used (each a separate row, weighted per token).
+    max_target_len: T of every source (teacher rows, samples, ground truth).
+    use_topk: take the teacher's distribution on teacher sequences from the
+      batch's stored top-k (no teacher forward there).
+  """
+  spec = obj_cfg.spec
+  length = max_target_len
+  pad_id = student.config.pad_id
+  needs_topk = use_topk and "teacher" in spec.teacher_dist
+  teacher_on = set(spec.teacher_dist) - ({"teacher"} if needs_topk else set())
+  if spec.hidden:
+    teacher_on |= set(spec.sources)
+  if teacher_on and teacher is None:
+    raise ValueError(f"objective {obj_cfg.name!r} needs the teacher model at train time")
+  if "student" in spec.sources and sampler is None:
+    raise ValueError(f"objective {obj_cfg.name!r} samples the student: a sampler is needed")
+
+  def sources_for(params, batch, key):
+    """Row blocks: name -> (inputs, input_mask, tokens, mask, extras)."""
+    blocks = {}
+    inputs, input_mask = batch["inputs"], batch["input_mask"]
+    if "teacher" in spec.sources:
+      n = num_teacher_samples
+      extras = {}
+      if needs_topk:
+        extras["topk"] = TeacherTopK(
+          _fit_length(_flatten_samples(batch["teacher_topk_logprobs"], n), length, 0.0),
+          _fit_length(_flatten_samples(batch["teacher_topk_ids"], n), length, 0),
+          _fit_length(_flatten_samples(batch["teacher_tail_logmass"], n), length, 0.0),
+        )
+        extras["token_logprobs"] = _fit_length(
+          _flatten_samples(batch["teacher_token_logprobs"], n), length, 0.0
+        )
+      blocks["teacher"] = (
+        jnp.repeat(inputs, n, axis=0),
+        jnp.repeat(input_mask, n, axis=0),
+        _fit_length(_flatten_samples(batch["teacher_tokens"], n), length, pad_id),
+        _fit_length(_flatten_samples(batch["teacher_mask"], n), length, 0.0),
+        extras,
+      )
+    if "student" in spec.sources:
+      model = student.merge(jax.lax.stop_gradient(params))
+      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(
+        batch["example_index"].astype(jnp.int32)
+      )
+      tokens, lengths = _sample_result(sampler(model, inputs, input_mask, keys))
+      tokens = jax.lax.stop_gradient(tokens)
+      n = tokens.shape[1]
+      mask = (jnp.arange(tokens.shape[-1]) < lengths[..., None]).astype(jnp.float32)
+      tokens = jnp.where(mask > 0, tokens, pad_id)
+      blocks["student"] = (
+        jnp.repeat(inputs, n, axis=0),
+        jnp.repeat(input_mask, n, axis=0),
+        _fit_length(tokens.reshape(-1, tokens.shape[-1]), length, pad_id).astype(jnp.int32),
+        _fit_length(mask.reshape(-1, mask.shape[-1]), length, 0.0),
+        {},
+      )
+    if "ground_truth" in spec.sources:
+      blocks["ground_truth"] = (
+        inputs,
+        input_mask,
+        _fit_length(batch["targets"], length, pad_id),
+        _fit_length(batch["target_mask"].astype(jnp.float32), length, 0.0),
+        {},
+      )
+    return blocks
+
+  def concat(blocks, names, index):
+    return jnp.concatenate([blocks[n][index] for n in names], axis=0)
+
+  def micro_loss(params, batch, teacher_params, key):
+    blocks = sources_for(params, batch, jax.random.fold_in(key, 0))
+    names = list(blocks)
+    sizes = [blocks[n][0].shape[0] for n in names]
+    splits = np.cumsum(sizes)[:-1]
+    teacher_out = {}
+    t_names = [n for n in names if n in teacher_on]
+    if t_names:
+      t_model = teacher.merge(teacher_params)
+      out = models.forward(
+        t_model,
+        concat(blocks, t_names, 0),
+        concat(blocks, t_names, 1),
+        concat(blocks, t_names, 2),
+        concat(blocks, t_names, 3),
+      )
+      cut = np.cumsum([blocks[n][0].shape[0] for n in t_names])[:-1]
+      logits = jnp.split(jax.lax.stop_gradient(out.logits), cut)
+      hidden = [jnp.split(jax.lax.stop_gradient(h), cut) for h in out.layer_hidden]
+      for i, n in enumerate(t_names):
+        teacher_out[n] = (logits[i], tuple(h[i] for h in hidden))
+
+    def loss_fn(p):
+      s_model = student.merge(p)
+      dropout_rng = jax.random.fold_in(key, 1) if dropout else None
+      out = models.forward(
+        s_model,
+        concat(blocks, names, 0),
+        concat(blocks, names, 1),
+        concat(blocks, names, 2),
+        concat(blocks, names, 3),
+        dropout_rng=dropout_rng,
+      )
+      logits = jnp.split(out.logits, splits)
+      hidden = [jnp.split(h, splits) for h in out.layer_hidden] if spec.hidden else None
+      srcs = {}
+      for i, n in enumerate(names):
+        _, _, tokens, mask, extras = blocks[n]
+        t_logits, t_hidden = teacher_out.get(n, (None, None))
+        srcs[n] = objectives.Source(
+          tokens=tokens,
+          mask=mask,
+          student_logits=logits[i],
+          teacher_logits=t_logits,
+          teacher_topk=extras.get("topk"),
+          teacher_token_logprobs=extras.get("token_logprobs"),
+          student_hidden=tuple(h[i] for h in hidden) if hidden else None,
+          teacher_hidden=t_hidden if spec.hidden else None,
+        )
+      return objectives.compute_loss(obj_cfg, srcs)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    del loss
+    return grads, metrics
+
+  def step(state, batch, teacher_params):
+    params = state["params"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    if grad_accum_steps == 1:
+      grads, metrics = micro_loss(params, batch, teacher_params, key)
+    else:
+      # Micro-batch i takes rows i, i + A, i + 2A, ...: the leading (sharded)
+      # axis stays the batch axis, so no resharding is needed.
+      def split(x):
+        b = x.shape[0]
+        if b % grad_accum_steps:
+          raise ValueError(f"batch {b} not divisible by grad_accum_steps {grad_accum_steps}")
+        return x.reshape((b // grad_accum_steps, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1)
+
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        g, m = micro_loss(params, mb, teacher_params, jax.random.fold_in(key, i))
+        acc_g, acc_m = carry
+        return (jax.tree.map(jnp.add, acc_g, g), objectives.add_metrics(acc_m, m)), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      rest = jax.tree.map(lambda x: x[1:], micro)
+      init = micro_loss(params, first, teacher_params, jax.random.fold_in(key, 0))
+      (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(1, grad_accum_steps), rest))
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    one = jnp.ones((), jnp.float32)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = (optax.tree.norm(grads), one)
+    metrics["param_norm"] = (optax.tree.norm(new_params), one)
+    new_state = dict(
+      params=new_params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"]
+    )
+    return new_state, metrics
+
+  return step
+
+
+# ---------------------------------------------------------------------------
+# State creation, sharding, jit.
+# ---------------------------------------------------------------------------
+
+
+def make_mesh(mesh_cfg):
+  """The (data, fsdp, model) mesh of `config.mesh`; a -1 axis takes the remaining devices.
+
+  Without a -1 the mesh uses the first prod(sizes) devices, so a test or a
+  small run can use fewer devices than the host has.
+  """
+  shape = {k: int(v) for k, v in dict(mesh_cfg).items()}
+  devices = jax.devices()
+  if -1 not in shape.values():
+    devices = devices[: math.prod(shape.values())]
+  return sharding.make_mesh(shape, devices=devices)
+
+
+def init_state(student: Frozen, tx, seed: int, mesh, rules=sharding.DEFAULT_RULES):
+  """(state, state_shardings): parameters placed by their logical axes, optimizer state alike."""
+  param_shardings = student.shardings(mesh, rules)
+  # may_alias=False: the state is donated to the step, which must not delete
+  # the caller's model arrays when they already live where the state goes.
+  params = jax.device_put(student.params, param_shardings, may_alias=False)
+  opt_state = jax.jit(tx.init)(params)
+  replicated = NamedSharding(mesh, P())
+  state = dict(
+    params=params,
+    opt_state=opt_state,
+    step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+    rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
+  )
+  # Optimizer leaves that follow no parameter (step counts) come out of jit on
+  # one device: replicate them over the mesh.
+  shardings = jax.tree.map(
+    lambda x: (
+      x.sharding
+      if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+      else replicated
+    ),
+    state,
+  )
+  return jax.device_put(state, shardings), shardings
+
+
+def jit_step(step_fn, state_shardings, mesh):
+  """The step jitted over `mesh` with the state donated and its shardings pinned."""
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+
+
+def put_batch(batch: dict, mesh, rules=sharding.DEFAULT_RULES) -> dict:
+  """Numpy batch -> device arrays with the batch axis over (data, fsdp)."""
+  batch = {k: np.asarray(v) for k, v in batch.items() if not isinstance(v, str)}
+  if "example_index" in batch:
+    batch["example_index"] = batch["example_index"].astype(np.int32)
+  if jax.process_count() > 1:
+    from fdistill_jax import distributed
+
+    return distributed.make_global_batch(batch, mesh)
+  return sharding.shard_batch(batch, mesh, rules)
+
+
+# ---------------------------------------------------------------------------
+# Metric writing.
+# ---------------------------------------------------------------------------
+
+
+class MetricWriter:
+  """Scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        import tensorflow as tf
+
+        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict, prefix: str = "train"):
+    if not self.enabled:
+      return
+    row = {"step": int(step), "split": prefix}
+    row.update({k: float(v) for k, v in scalars.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      import tensorflow as tf
+
+      with self._tb.as_default(step=int(step)):
+        for k, v in scalars.items():
+          tf.summary.scalar(f"{prefix}/{k}", float(v))
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows `MetricWriter` wrote (for tests and the pipeline)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+
+class _Counted:
+  """Wraps an iterator without a `position`: counts consumed batches."""
+
+  def __init__(self, it: Iterator, start: int):
+    self.it, self.batches = iter(it), start
+
+  @property
+  def position(self):
+    return {"batches": self.batches}
+
+  def __next__(self):
+    batch = next(self.it)
+    self.batches += 1
+    return batch
+
+
+def _open_data(data_fn, position):
+  it = data_fn(position)
+  if not hasattr(it, "position"):
+    it = _Counted(it, int((position or {}).get("batches", 0)))
+  return it
+
+
+def train_loop(
+  config,
+  workdir: str,
+  *,
+  student: nnx.Module,
+  data_fn: Callable[[dict | None], Iterator[dict]],
+  teacher: nnx.Module | None = None,
+  sampler: Callable | None = None,
+  eval_fn: Callable | None = None,
+  step_callback: Callable | None = None,
+  guard: checkpoints.PreemptionGuard | None = None,
+) -> dict:
+  """Trains `student` on `config.objective` for `config.train.num_train_steps` updates.
+
+  Args:
+    config: the distill/train_teacher ConfigDict (`objective`, `train`,
+      `sampler`, `mesh`).
+    workdir: checkpoints in `workdir/checkpoints`, metrics in
+      `workdir/metrics.jsonl` and `workdir/tensorboard`.
+    student: the initial student (ignored parameters when a checkpoint
+      exists: the run resumes from it).
+    data_fn: position (None: start) -> iterator of batch dicts; an iterator
+      with a `position` attribute reports its own, otherwise batches are
+      counted and `{"batches": n}` is passed back on resume.
+    teacher: the frozen teacher, when the objective needs it at train time.
+    sampler: overrides the configured student sampler (tests).
+    eval_fn: (student model, step) -> {name: float}; every
+      `eval_every_steps` and at the end.
+    step_callback: (step, state) after every update (hooks, tests).
+    guard: a `PreemptionGuard` (default: one installed for SIGTERM).
+
+  Returns:
+    {"step", "params" (pure dict, host), "metrics" (last logged means),
+     "eval" (last evaluation), "preempted"}.
+  """
+  tc = config.train
+  obj_cfg = objectives.ObjectiveConfig.from_config(config.objective)
+  spec = obj_cfg.spec
+  mesh = make_mesh(config.mesh)
+  frozen_student = Frozen(student)
+  tx = make_optimizer(tc)
+  use_topk = obj_cfg.use_teacher_topk
+  teacher_needed = spec.needs_teacher_model(use_topk)
+  frozen_teacher = Frozen(teacher) if (teacher is not None and teacher_needed) else None
+  if teacher_needed and frozen_teacher is None:
+    raise ValueError(f"objective {obj_cfg.name!r} needs config.teacher (a trained checkpoint)")
+  if frozen_teacher is not None and frozen_teacher.config.vocab_size != student.config.vocab_size:
+    raise ValueError(
+      f"teacher vocab_size {frozen_teacher.config.vocab_size} != student vocab_size "
+      f"{student.config.vocab_size}"
+    )
+  if sampler is None and spec.decoding is not None:
+    sampler = default_sampler(spec.decoding, config.sampler, tc.max_target_len)
+  step_fn = make_train_step(
+    obj_cfg,
+    frozen_student,
+    tx,
+    teacher=frozen_teacher,
+    sampler=sampler,
+    grad_accum_steps=tc.grad_accum_steps,
+    num_teacher_samples=tc.num_teacher_samples,
+    max_target_len=tc.max_target_len,
+    use_topk=use_topk,
+    dropout=tc.dropout,
+  )
+  state, state_shardings = init_state(frozen_student, tx, tc.seed, mesh)
+  teacher_params = None
+  if frozen_teacher is not None:
+    teacher_params = jax.device_put(frozen_teacher.params, frozen_teacher.shardings(mesh))
+  ckpt = checkpoints.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=tc.keep_checkpoints,
+    save_interval_steps=tc.checkpoint_every_steps,
+    async_save=tc.async_checkpointing,
+  )
+  position = None
+  restored = ckpt.restore(jax.tree.map(checkpoints.abstract_like, state))
+  if restored is not None:
+    state, meta = restored
+    position = meta.get("data")
+    logging.info("resuming at step %d, data position %s", int(state["step"]), position)
+  start = int(state["step"])
+  data = _open_data(data_fn, position)
+  jitted = jit_step(step_fn, state_shardings, mesh)
+  writer = MetricWriter(workdir, tensorboard=tc.tensorboard)
+  own_guard = guard is None
+  guard = guard or checkpoints.PreemptionGuard()
+  progress = None
+  if tc.progress_bar and jax.process_index() == 0:
+    from tqdm import tqdm
+
+    progress = tqdm(total=tc.num_train_steps, initial=start, desc=obj_cfg.name, leave=False)
+  acc, last_means, last_eval, preempted = None, {}, {}, False
+  step = start
+  t0 = time.time()
+
+  def meta():
+    return {"data": data.position, "objective": obj_cfg.name}
+
+  def evaluate(step):
+    nonlocal last_eval
+    last_eval = eval_fn(frozen_student.merge(state["params"]), step)
+    writer.write(step, last_eval, prefix="eval")
+
+  if own_guard:
+    guard.__enter__()
+  try:
+    while step < tc.num_train_steps:
+      if checkpoints.preemption_requested(guard):
+        ckpt.save(step, state, meta())
+        ckpt.wait_until_finished()
+        preempted = True
+        logging.warning("preempted: saved step %d, exiting", step)
+        break
+      try:
+        batch = next(data)
+      except StopIteration:
+        logging.info("data exhausted at step %d", step)
+        break
+      state, metrics = jitted(state, put_batch(batch, mesh), teacher_params)
+      step += 1
+      acc = objectives.add_metrics(acc, metrics)
+      if step % tc.log_every_steps == 0 or step == tc.num_train_steps:
+        last_means = objectives.metric_means(jax.device_get(acc))
+        last_means["learning_rate"] = float(learning_rate_schedule(tc)(step - 1))
+        last_means["steps_per_second"] = tc.log_every_steps / max(time.time() - t0, 1e-9)
+        writer.write(step, last_means)
+        if progress is not None:
+          progress.set_postfix(loss=f"{last_means['loss']:.4f}")
+        acc, t0 = None, time.time()
+      ckpt.maybe_save(step, state, meta())
+      if eval_fn is not None and tc.eval_every_steps and step % tc.eval_every_steps == 0:
+        evaluate(step)
+      if progress is not None:
+        progress.update(1)
+      if step_callback is not None:
+        step_callback(step, state)
+    if not preempted:
+      ckpt.save(step, state, meta())
+      if eval_fn is not None and (not tc.eval_every_steps or step % tc.eval_every_steps):
+        evaluate(step)
+  finally:
+    if own_guard:
+      guard.__exit__(None, None, None)
+    ckpt.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+  return {
+    "step": step,
+    "params": jax.device_get(state["params"]),
+    "metrics": last_means,
+    "eval": last_eval,
+    "preempted": preempted,
+  }
+
+
+# ---------------------------------------------------------------------------
+# Command-line modes.
+# ---------------------------------------------------------------------------
+
+
+def load_model(model_config, checkpoint: str = "", pretrained=None) -> nnx.Module:
+  """A model from a training checkpoint folder (`train_loop`'s), pretrained weights, or random.
+
+  Uses `teacher_pass.load_teacher`, so teachers and students load the same way.
+  """
+  if not checkpoint and not pretrained:
+    return models.build_model(model_config, rngs=0)
+  from fdistill_jax import teacher_pass
+
+  spec = ml_collections.ConfigDict()
+  spec.model = model_config
+  spec.checkpoint = checkpoint
+  spec.pretrained = pretrained
+  model, _ = teacher_pass.load_teacher(spec)
+  return model
+
+
+def _ground_truth_data(config, task, split: str):
+  from fdistill_jax.data import pipeline
+
+  tc = config.train
+
+  def data_fn(position):
+    return pipeline.batches(
+      task,
+      split,
+      tc.batch_size,
+      tc.max_input_len,
+      tc.max_target_len,
+      shuffle_seed=tc.seed,
+      repeat=True,
+      start_batch=int((position or {}).get("batches", 0)),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+
+  return data_fn
+
+
+def _records_data(config, workdir: str, vocab_size: int):
+  from fdistill_jax import records
+  from fdistill_jax.data.reader import RecordReader
+
+  tc = config.train
+  directory = records.records_dir(config, workdir)
+
+  def data_fn(position):
+    return RecordReader(
+      directory,
+      batch_size=tc.batch_size // jax.process_count(),
+      max_input_len=tc.max_input_len,
+      max_target_len=tc.max_target_len,
+      expected_vocab_size=vocab_size,
+      seed=tc.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      position=position,
+    )
+
+  return data_fn
+
+
+def nll_eval_fn(config, task, split: str = "validation"):
+  """(model, step) -> {"nll": per-token NLL of the ground truth on `split`}."""
+  from fdistill_jax.data import pipeline
+
+  tc = config.train
+  mesh = make_mesh(config.mesh)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def score(graphdef, state, batch):
+    model = nnx.merge(graphdef, state)
+    logp = models.score(
+      model, batch["inputs"], batch["input_mask"], batch["targets"], batch["target_mask"]
+    )
+    return -jnp.sum(logp), jnp.sum(batch["target_mask"])
+
+  def eval_fn(model, step):
+    del step
+    graphdef, state = nnx.split(model)
+    total = count = 0.0
+    for i, batch in enumerate(
+      pipeline.batches(task, split, tc.batch_size, tc.max_input_len, tc.max_target_len)
+    ):
+      if tc.eval_batches and i >= tc.eval_batches:
+        break
+      s, c = score(graphdef, state, put_batch(batch, mesh))
+      total, count = total + float(s), count + float(c)
+    return {"nll": total / max(count, 1.0)}
+
+  return eval_fn
+
+
+def check_config(config, student_cfg, teacher_cfg=None):
+  """Raises a clear ValueError for settings that cannot work, before anything compiles."""
+  obj_cfg = objectives.ObjectiveConfig.from_config(config.objective)
+  tc = config.train
+  if tc.batch_size % tc.grad_accum_steps:
+    raise ValueError(
+      f"train.batch_size {tc.batch_size} is not divisible by train.grad_accum_steps "
+      f"{tc.grad_accum_steps}"
+    )
+  for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
+    if cfg is None:
+      continue
+    if cfg.family in ("bart", "gpt2") and tc.max_target_len > cfg.max_positions:
+      raise ValueError(
+        f"train.max_target_len {tc.max_target_len} exceeds the {name}'s max_positions "
+        f"{cfg.max_positions}"
+      )
+  if teacher_cfg is not None and teacher_cfg.vocab_size != student_cfg.vocab_size:
+    raise ValueError(
+      f"teacher vocab_size {teacher_cfg.vocab_size} != student vocab_size "
+      f"{student_cfg.vocab_size}: distillation needs one vocabulary"
+    )
+  if obj_cfg.spec.decoding == "sampler" and config.sampler.num_samples < 1:
+    raise ValueError(f"sampler.num_samples must be >= 1, found {config.sampler.num_samples}")
+  return obj_cfg
+
+
+def run(config, workdir: str):
+  """`--mode=distill`: trains the student of `config` with `config.objective`."""
+  from fdistill_jax.data import tasks
+
+  student_cfg = models.ModelConfig.from_config(config.student.model)
+  obj_cfg = objectives.ObjectiveConfig.from_config(config.objective)
+  spec = obj_cfg.spec
+  teacher = None
+  if spec.needs_teacher_model(obj_cfg.use_teacher_topk) or spec.hidden:
+    teacher_cfg = models.ModelConfig.from_config(config.teacher.model)
+    check_config(config, student_cfg, teacher_cfg)
+    teacher = load_model(
+      config.teacher.model, config.teacher.checkpoint, config.teacher.get("pretrained")
+    )
+  else:
+    check_config(config, student_cfg)
+  if config.student.init_checkpoint:
+    student = load_model(config.student.model, config.student.init_checkpoint)
+  else:
+    student = models.build_model(student_cfg, rngs=config.train.seed)
+  task = tasks.get_task(config.task)
+  if "teacher" in spec.sources:
+    data_fn = _records_data(config, workdir, student_cfg.vocab_size)
+  else:
+    data_fn = _ground_truth_data(config, task, "train")
+  result = train_loop(
+    config,
+    workdir,
+    student=student,
+    data_fn=data_fn,
+    teacher=teacher,
+    eval_fn=nll_eval_fn(config, task) if config.train.eval_every_steps else None,
+  )
+  return result
+
+
+def run_teacher(config, workdir: str):
+  """`--mode=train_teacher`: MLE training of `config.model` on the task's ground truth.
+
+  Also trains non-distilled students. Checkpoints (the last one at the final
+  step) go to `workdir/checkpoints`: the folder `config.teacher.checkpoint`
+  names later.
+  """
+  from fdistill_jax.data import tasks
+
+  model_cfg = models.ModelConfig.from_config(config.model)
+  if config.objective.name != "mle":
+    raise ValueError(f"train_teacher trains with objective 'mle', found {config.objective.name!r}")
+  check_config(config, model_cfg)
+  model = models.build_model(model_cfg, rngs=config.train.seed)
+  task = tasks.get_task(config.task)
+  result = train_loop(
+    config,
+    workdir,
+    student=model,
+    data_fn=_ground_truth_data(config, task, "train"),
+    eval_fn=nll_eval_fn(config, task) if config.train.eval_every_steps else None,
+  )
+  return result
+
+
+def steps_for_epochs(num_examples: int, batch_size: int, epochs: float) -> int:
+  """Optimizer steps in `epochs` passes over `num_examples` (the original's epoch counts)."""
+  return max(1, math.ceil(num_examples / batch_size * epochs))

@@ -1,0 +1,238 @@
+"""The distillation trainer: learning, resume after SIGKILL, 1 vs 8 devices, SIGTERM, configs."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from fdistill_jax import checkpoints, models, objectives, train
+from tests import _train_helpers as h
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  student = models.build_model(h.model_config(), rngs=0)
+  teacher = models.build_model(h.model_config(), rngs=1)
+  return student, teacher
+
+
+def _step_setup(objective, student, teacher, mesh_shape, **train_overrides):
+  c = h.config(objective, **train_overrides)
+  obj = objectives.ObjectiveConfig.from_config(c.objective)
+  fs = train.Frozen(student)
+  ft = train.Frozen(teacher) if obj.spec.needs_teacher_model(obj.use_teacher_topk) else None
+  tx = train.make_optimizer(c.train)
+  step_fn = train.make_train_step(
+    obj,
+    fs,
+    tx,
+    teacher=ft,
+    sampler=h.sampler_for(objective),
+    grad_accum_steps=c.train.grad_accum_steps,
+    num_teacher_samples=c.train.num_teacher_samples,
+    max_target_len=h.T,
+    use_topk=obj.use_teacher_topk,
+  )
+  mesh = train.make_mesh(mesh_shape)
+  state, shardings = train.init_state(fs, tx, 0, mesh)
+  tparams = jax.device_put(ft.params, ft.shardings(mesh)) if ft else None
+  return train.jit_step(step_fn, shardings, mesh), state, tparams, mesh
+
+
+@pytest.mark.parametrize("objective", sorted(objectives.OBJECTIVES))
+def test_a_few_steps_reduce_the_loss(tiny, objective):
+  student, teacher = tiny
+  step, state, tparams, mesh = _step_setup(objective, student, teacher, {"data": 1})
+  batch = train.put_batch(h.make_batch(0, teacher), mesh)
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch, tparams)
+    losses.append(float(metrics["loss"][0]))
+  assert np.all(np.isfinite(losses)), losses
+  # Student samples change every step, so compare averages, not single steps.
+  assert np.mean(losses[-3:]) < np.mean(losses[:2]), losses
+  assert int(state["step"]) == 8
+
+
+def test_one_and_eight_devices_give_the_same_step(tiny):
+  student, teacher = tiny
+  results = []
+  for shape in ({"data": 1}, {"data": 2, "fsdp": 2, "model": 2}):
+    step, state, tparams, mesh = _step_setup("js", student, teacher, shape, learning_rate=1e-3)
+    batch = train.put_batch(h.make_batch(0, teacher), mesh)
+    losses = []
+    for _ in range(2):
+      state, metrics = step(state, batch, tparams)
+      losses.append(float(metrics["loss"][0]))
+    results.append((losses, float(metrics["grad_norm"][0]), jax.device_get(state["params"])))
+  (loss1, g1, p1), (loss8, g8, p8) = results
+  # Same student samples (keys follow example indices, not devices), same loss.
+  np.testing.assert_allclose(loss1, loss8, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g1, g8, rtol=1e-4)
+  # Adam divides by sqrt(v): float32 reduction-order noise on near-zero
+  # gradients moves a parameter by up to ~lr, hence the looser atol here.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p1, p8)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny):
+  student, teacher = tiny
+  full = h.make_batch(0)
+  for key in ("target_mask",):  # equal token counts per micro-batch: equal means
+    full[key] = np.ones_like(full[key])
+  params = []
+  for accum in (1, 2):
+    step, state, tparams, mesh = _step_setup(
+      "mle", student, teacher, {"data": 1}, grad_accum_steps=accum
+    )
+    state, _ = step(state, train.put_batch(full, mesh), tparams)
+    params.append(jax.device_get(state["params"]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
+
+
+def test_frozen_embeddings_do_not_move(tiny, tmp_path):
+  student, teacher = tiny
+  c = h.config("mle", freeze_embeddings=True, num_train_steps=3)
+  out = train.train_loop(c, str(tmp_path), student=student, data_fn=h.data_fn())
+  before = train.Frozen(student).params
+  np.testing.assert_array_equal(out["params"]["embed"]["embedding"], before["embed"]["embedding"])
+  moved = out["params"]["decoder"]["final_norm"]["scale"] - before["decoder"]["final_norm"]["scale"]
+  assert np.abs(moved).max() > 0
+  rows = train.read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(tiny, tmp_path):
+  student, teacher = tiny
+  c = h.config("kl", num_train_steps=50, checkpoint_every_steps=1000)
+
+  def callback(step, state):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.getsignal(signal.SIGTERM)
+  out = train.train_loop(
+    c, str(tmp_path), student=student, data_fn=h.data_fn(), step_callback=callback
+  )
+  assert out["preempted"] and out["step"] == 3
+  assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ckpt.latest_step() == 3
+  ckpt.close()
+  # A restart picks up at step 3 with the data position after 3 batches.
+  c.train.num_train_steps = 5
+  seen = []
+  data = h.data_fn()
+
+  def data_fn(position):
+    seen.append(position)
+    return data(position)
+
+  out = train.train_loop(c, str(tmp_path), student=student, data_fn=data_fn)
+  assert seen == [{"batches": 3}] and out["step"] == 5
+
+
+_CHILD = textwrap.dedent(
+  """
+  import os, signal, sys
+  import numpy as np
+  sys.path.insert(0, {repo!r})
+  from fdistill_jax import models, train
+  from tests import _train_helpers as h
+  workdir, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+  c = h.config("js", num_train_steps=8, checkpoint_every_steps=2)
+  student = models.build_model(h.model_config(), rngs=0)
+  teacher = models.build_model(h.model_config(), rngs=1)
+  def callback(step, state):
+    if step == kill_at:
+      os.kill(os.getpid(), signal.SIGKILL)
+  res = train.train_loop(c, workdir, student=student, teacher=teacher,
+                         data_fn=h.data_fn(teacher), sampler=h.sampler_for("js"),
+                         step_callback=callback)
+  leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(res["params"])]
+  np.savez(out, *leaves)
+  """
+)
+
+
+def _run_child(script, workdir, kill_at, out, cache):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return subprocess.run(
+    [sys.executable, str(script), str(workdir), str(kill_at), str(out)],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_resume_after_sigkill_ends_with_the_same_parameters(tmp_path):
+  script = tmp_path / "child.py"
+  script.write_text(_CHILD.format(repo=REPO))
+  cache = str(tmp_path / "jax_cache")
+  # Killed at step 5 (after the async save of step 4 started), then resumed.
+  killed = _run_child(script, tmp_path / "a", 5, tmp_path / "a.npz", cache)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert not (tmp_path / "a.npz").exists()
+  resumed = _run_child(script, tmp_path / "a", -1, tmp_path / "a.npz", cache)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  straight = _run_child(script, tmp_path / "b", -1, tmp_path / "b.npz", cache)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+  assert len(a.files) == len(b.files) > 0
+  for key in a.files:
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (lambda c: c.train.update(dict(batch_size=5, grad_accum_steps=2)), "not divisible"),
+    (lambda c: c.teacher.model.update(dict(vocab_size=64)), "vocab_size"),
+    (lambda c: c.objective.update(dict(name="nope")), "objective.name"),
+    (lambda c: c.objective.update(dict(beta=1.5)), "objective.beta"),
+  ],
+)
+def test_bad_configs_raise_before_compiling(change, message):
+  c = h.config("js")
+  change(c)
+  with pytest.raises(ValueError, match=message):
+    train.check_config(
+      c,
+      models.ModelConfig.from_config(c.student.model),
+      models.ModelConfig.from_config(c.teacher.model),
+    )
+
+
+def test_max_target_len_over_the_position_table_raises():
+  c = h.config("mle", max_target_len=4096)
+  c.student.model = models.get_preset("bart-tiny")
+  with pytest.raises(ValueError, match="max_positions"):
+    train.check_config(c, models.ModelConfig.from_config(c.student.model))
+
+
+def test_locked_config_rejects_unknown_keys():
+  c = h.config("js")
+  c.lock()
+  with pytest.raises(AttributeError, match="bogus"):
+    c.train.bogus = 1
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_zero():
+  c = h.config("mle", warmup_steps=10, num_train_steps=30, learning_rate=1.0)
+  lr = train.learning_rate_schedule(c.train)
+  assert float(lr(0)) == 0.0
+  assert float(lr(5)) == pytest.approx(0.5)
+  assert float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(20)) == pytest.approx(0.5)
+  assert float(lr(30)) == pytest.approx(0.0)
