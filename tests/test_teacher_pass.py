@@ -279,14 +279,11 @@ def test_inspect_prints_manifest_and_decoded_records(reference, monkeypatch, cap
   assert out.count("teacher[1] (log p") == 2
 
 
-def test_run_from_a_config(tmp_path):
-  """configs/teacher_pass.py + a jsonl task + a trainer checkpoint -> readable records."""
+def write_data_and_teacher(tmp_path):
+  """A 6-line jsonl task file and a trainer checkpoint of the tiny teacher."""
   from flax import nnx
 
-  from configs import tasks as task_configs
-  from configs import teacher_pass as pass_configs
   from fdistill_jax import checkpoints
-  from fdistill_jax.data import tasks
 
   lines = [
     {"source": f"name {w} food {v}", "target": f"{w} serves {v}"} for w in "abc" for v in "xy"
@@ -296,13 +293,20 @@ def test_run_from_a_config(tmp_path):
   saver = checkpoints.Checkpointer(str(tmp_path / "teacher"), async_save=False)
   saver.save(1, {"params": nnx.to_pure_dict(nnx.state(teacher, nnx.Param))})
   saver.close()
+  return str(tmp_path / "train.jsonl"), str(tmp_path / "teacher")
 
+
+def test_run_from_a_config(tmp_path):
+  """configs/teacher_pass.py + a jsonl task + a trainer checkpoint -> readable records."""
+  from configs import tasks as task_configs
+  from configs import teacher_pass as pass_configs
+  from fdistill_jax.data import tasks
+
+  data, checkpoint = write_data_and_teacher(tmp_path)
   config = pass_configs.get_config()
-  config.task = task_configs.task_config(
-    "jsonl", files={"train": str(tmp_path / "train.jsonl")}, tokenizer={"kind": "word"}
-  )
+  config.task = task_configs.task_config("jsonl", files={"train": data}, tokenizer={"kind": "word"})
   config.teacher.model = models.get_preset("t5-tiny")
-  config.teacher.checkpoint = str(tmp_path / "teacher")
+  config.teacher.checkpoint = checkpoint
   config.teacher_pass.update(
     num_samples=2,
     batch_size=8,
@@ -332,6 +336,47 @@ def test_run_from_a_config(tmp_path):
   np.testing.assert_array_equal(top[valid], batch["teacher_topk_logprobs"][valid])
   manifest = rec.read_manifest(directory)
   assert manifest["teacher"]["step"] == 1 and manifest["sampler"]["method"] == "beam_search"
+
+
+CONFIG_FILE = """
+from configs import tasks, teacher_pass
+from fdistill_jax.models import presets
+
+
+def get_config(arg=None):
+  config = teacher_pass.get_config()
+  files, tokenizer = {{"train": "{data}"}}, {{"kind": "word"}}
+  config.task = tasks.task_config("jsonl", files=files, tokenizer=tokenizer)
+  config.teacher.model = presets.get_preset("t5-tiny")
+  config.teacher.checkpoint = "{checkpoint}"
+  config.teacher_pass.update(batch_size=8, records_per_shard=4, max_input_len=8, max_target_len=5)
+  return config
+"""
+
+
+def test_command_line_teacher_pass_then_inspect(tmp_path):
+  data, checkpoint = write_data_and_teacher(tmp_path)
+  (tmp_path / "config.py").write_text(CONFIG_FILE.format(data=data, checkpoint=checkpoint))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def main(mode):
+    args = [
+      f"--config={tmp_path / 'config.py'}",
+      f"--workdir={tmp_path / 'work'}",
+      f"--mode={mode}",
+    ]
+    done = subprocess.run(
+      [sys.executable, "-m", "fdistill_jax.main", *args], cwd=repo, capture_output=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    return done.stdout.decode()
+
+  main("teacher_pass")
+  manifest = rec.read_manifest(str(tmp_path / "work" / "teacher_records" / "train"))
+  assert manifest["status"] == "complete" and manifest["num_examples"] == 6
+  out = main("inspect")
+  assert "2 of 2 shards, 6 records" in out
+  assert "input:  name a food x" in out and "target: a serves x" in out
 
 
 def _child(out_dir: str, kill_at_shard: int):
