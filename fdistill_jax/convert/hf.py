@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from fdistill_jax.convert import hf_layout as layout
-from fdistill_jax.convert.params import ConversionError, TensorSource, assemble, param_shapes
+from fdistill_jax.convert.params import ConversionError, TensorSource, assemble
 from fdistill_jax.models import ModelConfig
 
 # ------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ _PLANS = {"t5": _t5_plan, "bart": _bart_plan, "llama": _llama_plan, "gpt2": _gpt
 def convert_tensors(src: TensorSource, hf: dict, config: ModelConfig) -> dict[str, np.ndarray]:
   """Maps checkpoint tensors to {dotted param path: float32 array}; checks all are used."""
   entries, ignore = _PLANS[config.family](src, config, hf)
-  flat = layout.read(entries, src.take, param_shapes(config))
+  flat = layout.read(entries, src.take)
   src.check_all_used(ignore)
   return flat
 

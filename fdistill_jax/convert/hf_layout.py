@@ -27,6 +27,7 @@ class Entry:
   ours: str  # dotted project parameter path
   hf: str  # Hugging Face tensor name
   hf_shape: tuple[int, ...]  # the full HF tensor's shape
+  ours_shape: tuple[int, ...]  # the project parameter's shape
   transpose: bool = False  # HF holds the transpose (Linear [out, in])
   part: int = 0  # which slice along the last axis when `parts` > 1
   parts: int = 1
@@ -34,12 +35,12 @@ class Entry:
   def part_shape(self) -> tuple[int, ...]:
     return self.hf_shape[:-1] + (self.hf_shape[-1] // self.parts,)
 
-  def to_ours(self, hf_tensor: np.ndarray, shape) -> np.ndarray:
+  def to_ours(self, hf_tensor: np.ndarray) -> np.ndarray:
     x = hf_tensor
     if self.parts > 1:
       n = self.hf_shape[-1] // self.parts
       x = x[..., self.part * n : (self.part + 1) * n]
-    return (x.T if self.transpose else x).reshape(shape)
+    return (x.T if self.transpose else x).reshape(self.ours_shape)
 
   def to_hf(self, ours: np.ndarray) -> np.ndarray:
     """This entry's slice of the HF tensor (the whole tensor when `parts == 1`)."""
@@ -56,13 +57,19 @@ class _Table:
     self.cfg = cfg
     self.entries: list[Entry] = []
 
-  def add(self, ours, hf, hf_shape, transpose=False, part=0, parts=1):
-    self.entries.append(Entry(ours, hf, tuple(hf_shape), transpose, part, parts))
+  def add(self, ours, hf, hf_shape, ours_shape=None, transpose=False, part=0, parts=1):
+    """`ours_shape` defaults to the HF shape (transposed if `transpose`)."""
+    hf_shape = tuple(hf_shape)
+    if ours_shape is None:
+      ours_shape = hf_shape[::-1] if transpose else hf_shape
+    self.entries.append(Entry(ours, hf, hf_shape, tuple(ours_shape), transpose, part, parts))
 
-  def linear(self, ours, hf, d_in, d_out, bias):
-    self.add(f"{ours}.kernel", f"{hf}.weight", (d_out, d_in), transpose=True)
+  def linear(self, ours, hf, d_in, d_out, bias, ours_in=None, ours_out=None):
+    """A Linear `[out, in]`; `ours_in`/`ours_out` split the project kernel's axes."""
+    ours_in, ours_out = ours_in or (d_in,), ours_out or (d_out,)
+    self.add(f"{ours}.kernel", f"{hf}.weight", (d_out, d_in), ours_in + ours_out, transpose=True)
     if bias:
-      self.add(f"{ours}.bias", f"{hf}.bias", (d_out,))
+      self.add(f"{ours}.bias", f"{hf}.bias", (d_out,), ours_out)
 
   def norm(self, ours, hf, bias):
     d = self.cfg.d_model
@@ -74,8 +81,8 @@ class _Table:
     d, h, dh = self.cfg.d_model, self.cfg.num_heads, self.cfg.dim_per_head
     heads_of = (h, kv_heads, kv_heads)
     for slot, name, heads in zip(("query", "key", "value"), names[:3], heads_of, strict=True):
-      self.linear(f"{ours}.{slot}", f"{hf}.{name}", d, heads * dh, bias)
-    self.linear(f"{ours}.out", f"{hf}.{names[3]}", h * dh, d, bias)
+      self.linear(f"{ours}.{slot}", f"{hf}.{name}", d, heads * dh, bias, ours_out=(heads, dh))
+    self.linear(f"{ours}.out", f"{hf}.{names[3]}", h * dh, d, bias, ours_in=(h, dh))
 
   def mlp(self, ours, hf, names, bias):
     d, f = self.cfg.d_model, self.cfg.d_ff
@@ -112,9 +119,8 @@ def t5_layout(cfg: ModelConfig, head_from_embedding: bool = False) -> list[Entry
       t.mlp(f"{ours}.mlp", f"{hl}.{ff}.DenseReluDense", mlp, False)
       t.norm(f"{ours}.mlp_norm", f"{hl}.{ff}.layer_norm", False)
   if not cfg.tie_embeddings:
-    t.add(
-      "lm_head.kernel", "shared.weight" if head_from_embedding else "lm_head.weight", (v, d), True
-    )
+    head = "shared.weight" if head_from_embedding else "lm_head.weight"
+    t.add("lm_head.kernel", head, (v, d), transpose=True)
   return t.entries
 
 
@@ -142,7 +148,7 @@ def bart_layout(cfg: ModelConfig, prefix: str = "model.") -> list[Entry]:
       t.mlp(f"{ours}.mlp", hl, ("fc1", "fc2"), True)
       t.norm(f"{ours}.mlp_norm", f"{hl}.final_layer_norm", True)
   if not cfg.tie_embeddings:
-    t.add("lm_head.kernel", "lm_head.weight", (v, d), True)
+    t.add("lm_head.kernel", "lm_head.weight", (v, d), transpose=True)
   return t.entries
 
 
@@ -159,24 +165,26 @@ def llama_layout(cfg: ModelConfig) -> list[Entry]:
     t.mlp(f"{ours}.mlp", f"{hl}.mlp", ("gate_proj", "up_proj", "down_proj"), False)
     t.norm(f"{ours}.mlp_norm", f"{hl}.post_attention_layernorm", False)
   if not cfg.tie_embeddings:
-    t.add("lm_head.kernel", "lm_head.weight", (v, d), True)
+    t.add("lm_head.kernel", "lm_head.weight", (v, d), transpose=True)
   return t.entries
 
 
 def gpt2_layout(cfg: ModelConfig, prefix: str = "transformer.") -> list[Entry]:
   t = _Table(cfg)
   d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+  h, dh = cfg.num_heads, cfg.dim_per_head
   t.add("embed.embedding", f"{prefix}wte.weight", (v, d))
   t.add("positions.embedding", f"{prefix}wpe.weight", (cfg.max_positions, d))
   t.norm("final_norm", f"{prefix}ln_f", True)
   for i in range(cfg.num_layers):
     hl, ours = f"{prefix}h.{i}", f"layers.{i}"
     for j, slot in enumerate(("query", "key", "value")):
+      qkv = f"{hl}.attn.c_attn"
       t.add(
-        f"{ours}.self_attn.{slot}.kernel", f"{hl}.attn.c_attn.weight", (d, 3 * d), part=j, parts=3
+        f"{ours}.self_attn.{slot}.kernel", f"{qkv}.weight", (d, 3 * d), (d, h, dh), part=j, parts=3
       )
-      t.add(f"{ours}.self_attn.{slot}.bias", f"{hl}.attn.c_attn.bias", (3 * d,), part=j, parts=3)
-    t.add(f"{ours}.self_attn.out.kernel", f"{hl}.attn.c_proj.weight", (d, d))
+      t.add(f"{ours}.self_attn.{slot}.bias", f"{qkv}.bias", (3 * d,), (h, dh), part=j, parts=3)
+    t.add(f"{ours}.self_attn.out.kernel", f"{hl}.attn.c_proj.weight", (d, d), (h, dh, d))
     t.add(f"{ours}.self_attn.out.bias", f"{hl}.attn.c_proj.bias", (d,))
     t.add(f"{ours}.mlp.wi.kernel", f"{hl}.mlp.c_fc.weight", (d, f))
     t.add(f"{ours}.mlp.wi.bias", f"{hl}.mlp.c_fc.bias", (f,))
@@ -187,14 +195,14 @@ def gpt2_layout(cfg: ModelConfig, prefix: str = "transformer.") -> list[Entry]:
   return t.entries
 
 
-def read(entries: list[Entry], take, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+def read(entries: list[Entry], take) -> dict[str, np.ndarray]:
   """{ours: array} reading each HF tensor once through `take(name, shape)`."""
   cache: dict[str, np.ndarray] = {}
   out = {}
   for e in entries:
     if e.hf not in cache:
       cache[e.hf] = take(e.hf, e.hf_shape)
-    out[e.ours] = e.to_ours(cache[e.hf], shapes[e.ours][0])
+    out[e.ours] = e.to_ours(cache[e.hf])
   return out
 
 
