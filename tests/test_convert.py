@@ -28,7 +28,7 @@ from fdistill_jax.convert import (
 from fdistill_jax.convert.hf import ConversionError, hf_model_config, load_hf
 from fdistill_jax.convert.hf_export import export_hf
 from fdistill_jax.convert.params import model_params
-from fdistill_jax.models import build_model, forward, get_preset
+from fdistill_jax.models import ModelConfig, build_model, forward, get_preset
 from fdistill_jax.sharding import make_mesh
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -279,17 +279,21 @@ def test_student_from_teacher_config():
     student_from_teacher(teacher, {"decoder_layers": [0]})
 
 
-def test_teacher_hf_config_example():
+def test_teacher_hf_config_example(tmp_path):
   from configs import teacher_hf
 
-  config = teacher_hf.get_config(os.path.join(FIXTURES, "bart"))
+  folder = _copy("bart", tmp_path)
+  config = teacher_hf.get_config(str(folder))
   teacher, teacher_cfg = load_pretrained(config.teacher.pretrained)
   assert (teacher_cfg.family, teacher_cfg.dtype) == ("bart", "bfloat16")
-  # The fixture has 2+2 layers, not BART-large's 12+12.
-  config.student.init.encoder_layers = [1]
+  assert ModelConfig.from_config(config.teacher.model) == teacher_cfg
+  # A 2+2-layer teacher: encoder layers spread as [0, 1], decoder layer [0].
+  assert dict(config.student.init) == {"encoder_layers": [0, 1], "decoder_layers": [0]}
   student, student_cfg = student_from_teacher(teacher, config.student.init)
-  assert (student_cfg.encoder_layers, student_cfg.num_layers) == (1, 1)
-  assert config.task.tokenizer.kind == "hf" and config.task.tokenizer.path.endswith("bart")
+  assert ModelConfig.from_config(config.student.model) == student_cfg
+  assert config.task.kind == "jsonl" and config.task.tokenizer is None  # no tokenizer files
+  (folder / "tokenizer.json").write_text("{}")
+  assert teacher_hf.get_config(str(folder)).task.tokenizer.kind == "hf"
   with pytest.raises(ValueError, match="needs the checkpoint folder"):
     teacher_hf.get_config()
 

@@ -227,8 +227,10 @@ def test_smollm2_answers_paris():
   prompt = tok.encode(CHATML.format("What is the capital of France?"))
   answer = tok.decode(greedy(model, prompt, 16))
   assert "Paris" in answer, answer
+  assert models.ModelConfig.from_config(config.teacher.model) == model_cfg
   # The example student: 4 of the 30 layers.
   student, student_cfg = student_from_teacher(model, config.student.init)
+  assert models.ModelConfig.from_config(config.student.model) == student_cfg
   assert student_cfg.num_layers == 4
   np.testing.assert_array_equal(
     model_params(student)["layers.3.mlp.wo.kernel"], model_params(model)["layers.29.mlp.wo.kernel"]

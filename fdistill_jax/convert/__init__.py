@@ -105,8 +105,11 @@ def pretrained_config(spec):
   raise ConversionError(f"Pretrained spec: kind={kind!r} is not one of 'hf', 'gguf', 'auto'.")
 
 
-def tokenizer_spec(spec) -> dict:
-  """The `load_tokenizer` config that goes with a pretrained spec."""
+def tokenizer_spec(spec, missing_ok: bool = False) -> dict | None:
+  """The `load_tokenizer` config that goes with a pretrained spec.
+
+  A folder without tokenizer files raises, or gives None with `missing_ok`.
+  """
   values = _as_dict(spec)
   path = os.fspath(values["path"])
   kind = values.get("kind", "auto") or "auto"
@@ -120,6 +123,8 @@ def tokenizer_spec(spec) -> dict:
   if os.path.isfile(spiece):
     # T5 checkpoints size the embedding for 100 sentinel ids beyond the model file.
     return {"kind": "sentencepiece", "path": spiece, "extra_ids": 100}
+  if missing_ok:
+    return None
   raise ConversionError(
     f"No tokenizer.json, vocab.json or spiece.model in {path!r}; set the task's tokenizer "
     "explicitly."
