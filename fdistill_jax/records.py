@@ -202,24 +202,71 @@ def shard_name(index: int, num_shards: int) -> str:
   return f"shard-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def _fsync_dir(path: str):
-  fd = os.open(path, os.O_RDONLY)
+# Paths with a scheme (gs://, s3://, ram://) go through tf.io.gfile, so a TPU
+# job can write records straight to a bucket; local paths use os, which can
+# fsync. On object stores a rename is a copy then delete, still never a
+# partly visible file under the final name.
+
+
+def _remote(path: str) -> bool:
+  return "://" in path
+
+
+def _gfile():
+  import tensorflow as tf
+
+  return tf.io.gfile
+
+
+def fs_open(path: str, mode: str):
+  return _gfile().GFile(path, mode) if _remote(path) else open(path, mode)
+
+
+def fs_exists(path: str) -> bool:
+  return _gfile().exists(path) if _remote(path) else os.path.exists(path)
+
+
+def fs_size(path: str) -> int:
+  return _gfile().stat(path).length if _remote(path) else os.path.getsize(path)
+
+
+def fs_listdir(path: str) -> list[str]:
+  return [p.rstrip("/") for p in _gfile().listdir(path)] if _remote(path) else os.listdir(path)
+
+
+def fs_makedirs(path: str):
+  _gfile().makedirs(path) if _remote(path) else os.makedirs(path, exist_ok=True)
+
+
+def _fs_remove(path: str):
+  _gfile().remove(path) if _remote(path) else os.remove(path)
+
+
+def _fs_commit(tmp: str, path: str):
+  """Renames a finished temporary file into place (durably, on local disks)."""
+  if _remote(path):
+    _gfile().rename(tmp, path, overwrite=True)
+    return
+  with open(tmp, "rb") as f:
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
   try:
-    os.fsync(fd)
+    os.fsync(fd)  # the rename itself
   finally:
     os.close(fd)
 
 
+def _tmp_name(path: str) -> str:
+  return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def atomic_write_bytes(path: str, data: bytes):
   """Writes `data` to `path` so that readers see all of it or nothing."""
-  directory = os.path.dirname(os.path.abspath(path))
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "wb") as f:
+  tmp = _tmp_name(path)
+  with fs_open(tmp, "wb") as f:
     f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  _fsync_dir(directory)
+  _fs_commit(tmp, path)
 
 
 def write_shard(directory: str, index: int, num_shards: int, records: Sequence[bytes]) -> dict:
@@ -227,15 +274,12 @@ def write_shard(directory: str, index: int, num_shards: int, records: Sequence[b
   import tensorflow as tf
 
   path = os.path.join(directory, shard_name(index, num_shards))
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  tmp = _tmp_name(path)
   with tf.io.TFRecordWriter(tmp) as writer:
     for r in records:
       writer.write(r)
-  with open(tmp, "rb+") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  _fsync_dir(directory)
+  digest = file_sha256(tmp)
+  _fs_commit(tmp, path)
   marker = {"file": os.path.basename(path), "records": len(records), "sha256": digest}
   atomic_write_bytes(path + MARKER_SUFFIX, json.dumps(marker).encode())
   return marker
@@ -244,19 +288,19 @@ def write_shard(directory: str, index: int, num_shards: int, records: Sequence[b
 def read_marker(directory: str, index: int, num_shards: int) -> dict | None:
   """The marker of a finished shard, or None if the shard is not (fully) written."""
   path = os.path.join(directory, shard_name(index, num_shards))
-  if not (os.path.exists(path + MARKER_SUFFIX) and os.path.exists(path)):
+  if not (fs_exists(path + MARKER_SUFFIX) and fs_exists(path)):
     return None
-  with open(path + MARKER_SUFFIX) as f:
+  with fs_open(path + MARKER_SUFFIX, "r") as f:
     return json.load(f)
 
 
 def remove_stale_temporaries(directory: str, names: Iterable[str]):
   """Deletes temporary files a killed writer left behind for the given shards."""
   names = set(names)
-  for entry in os.listdir(directory):
+  for entry in fs_listdir(directory):
     base = entry.split(".tmp-")[0]
     if ".tmp-" in entry and (base in names or base.removesuffix(MARKER_SUFFIX) in names):
-      os.remove(os.path.join(directory, entry))
+      _fs_remove(os.path.join(directory, entry))
 
 
 def write_manifest(directory: str, manifest: dict):
@@ -267,9 +311,9 @@ def write_manifest(directory: str, manifest: dict):
 
 def read_manifest(directory: str) -> dict:
   path = os.path.join(directory, MANIFEST_NAME)
-  if not os.path.exists(path):
+  if not fs_exists(path):
     raise RecordError(f"no {MANIFEST_NAME} in {directory}: not a teacher-record folder")
-  with open(path) as f:
+  with fs_open(path, "r") as f:
     manifest = json.load(f)
   version = manifest.get("schema_version")
   if version != SCHEMA_VERSION:
@@ -286,7 +330,7 @@ def spec_from_manifest(manifest: dict) -> RecordSpec:
 
 def file_sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fs_open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       h.update(block)
   return h.hexdigest()
@@ -355,7 +399,7 @@ def scan_shard(path: str, spec: RecordSpec, keep_records: bool = False) -> Shard
   of the rest of the file), so one flipped byte costs one record.
   """
   scan = ShardScan(path, records=[] if keep_records else None)
-  size = os.path.getsize(path)
+  size = fs_size(path)
   index = offset = 0
   source = path
   with tempfile.TemporaryDirectory() as tmpdir:
@@ -374,7 +418,7 @@ def scan_shard(path: str, spec: RecordSpec, keep_records: bool = False) -> Shard
         offset += len(r) + 16
       if not damaged:
         return scan
-      with open(path, "rb") as f:
+      with fs_open(path, "rb") as f:
         f.seek(offset)
         header = f.read(12)
         if len(header) < 12:
@@ -404,7 +448,7 @@ def scan_shard(path: str, spec: RecordSpec, keep_records: bool = False) -> Shard
 
 def check_shard(path: str, spec: RecordSpec, expected_records: int, expected_sha256: str | None):
   """Raises `RecordError` naming the file (and the record, when one is bad)."""
-  if not os.path.exists(path):
+  if not fs_exists(path):
     raise RecordError(f"{path}: shard listed in the manifest is missing")
   if expected_sha256 is not None and file_sha256(path) == expected_sha256:
     return
@@ -440,11 +484,11 @@ def open_folder(directory: str, header: dict):
   num_shards, task. Mixing records of two different passes would be silent
   garbage, so any difference from an existing manifest raises.
   """
-  os.makedirs(directory, exist_ok=True)
+  fs_makedirs(directory)
   path = os.path.join(directory, MANIFEST_NAME)
   header = json.loads(json.dumps(header))  # normalise tuples etc. as JSON would
-  if os.path.exists(path):
-    with open(path) as f:
+  if fs_exists(path):
+    with fs_open(path, "r") as f:
       existing = json.load(f)
     old = {k: v for k, v in existing.items() if k not in _STATUS_FIELDS}
     if old != header:
@@ -460,7 +504,7 @@ def open_folder(directory: str, header: dict):
 def finalize_manifest(directory: str) -> dict:
   """Lists every shard's marker in the manifest and marks the folder complete."""
   path = os.path.join(directory, MANIFEST_NAME)
-  with open(path) as f:
+  with fs_open(path, "r") as f:
     manifest = json.load(f)
   num_shards, per_shard = manifest["num_shards"], manifest["records_per_shard"]
   shards, missing = [], []

@@ -170,6 +170,24 @@ def test_stale_temporaries_are_removed(tmp_path):
   assert os.listdir(tmp_path) == [f"{rec.shard_name(1, 2)}.tmp-1-abc"]
 
 
+def test_folder_on_a_filesystem_url():
+  """Paths with a scheme (gs://, s3://) go through tf.io.gfile; ram:// stands in here."""
+  directory = f"ram://records-{os.getpid()}"
+  examples = make_folder(directory, num_examples=8, per_shard=4)
+  manifest = rec.read_manifest(directory)
+  assert manifest["status"] == "complete"
+  assert not [p for p in rec.fs_listdir(directory) if ".tmp-" in p]
+  reader = RecordReader(directory, batch_size=4, num_epochs=1, shuffle=False)
+  seen = []
+  for batch in reader:
+    for row, index in enumerate(batch["example_index"].tolist()):
+      seen.append(index)
+      want = expected_batch_row(examples[index], SPEC, SPEC.max_input_len, SPEC.max_target_len)
+      for key, value in want.items():
+        np.testing.assert_array_equal(batch[key][row], value, err_msg=key)
+  assert sorted(seen) == list(range(8))
+
+
 # ---------------------------------------------------------------------------
 # Reader: values, order, resume, sharding.
 # ---------------------------------------------------------------------------

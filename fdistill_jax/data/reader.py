@@ -127,14 +127,14 @@ class RecordReader:
   def _checked_file(self, shard: dict, verify: bool, skip_corrupt: bool) -> str:
     path = os.path.join(self.directory, shard["file"])
     if not (verify or skip_corrupt):
-      if not os.path.exists(path):
+      if not rec.fs_exists(path):
         raise rec.RecordError(f"{path}: shard listed in the manifest is missing")
       return path
     try:
       rec.check_shard(path, self.spec, shard["records"], shard["sha256"])
       return path
     except rec.RecordError:
-      if not skip_corrupt or not os.path.exists(path):
+      if not skip_corrupt or not rec.fs_exists(path):
         raise
     scan = rec.scan_shard(path, self.spec, keep_records=True)
     self.skipped[path] = shard["records"] - scan.good
