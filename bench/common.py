@@ -168,6 +168,32 @@ def time_ab(
   return out["a"], out["b"]
 
 
+def fastest_worker(make: Callable, options: Sequence, *, warmup: int = 1):
+  """Starts `make(option)` for each option (one at a time), times one `run()` of each
+  after `warmup` runs, keeps the fastest and `close()`s the others.
+
+  For out-of-process baselines whose best setting depends on the machine's
+  load (PyTorch's OpenMP threads collapse when a shared machine is
+  oversubscribed): each baseline gets its best setting, so ratios are not
+  flattered by a handicapped baseline. Returns (option, worker, {option: s}).
+  """
+  best, probe = None, {}
+  for option in options:
+    worker = make(option)
+    for _ in range(warmup):
+      worker.run()
+    start = time.perf_counter()
+    worker.run()
+    probe[option] = time.perf_counter() - start
+    if best is None or probe[option] < probe[best[0]]:
+      if best is not None:
+        best[1].close()
+      best = (option, worker)
+    else:
+      worker.close()
+  return best[0], best[1], probe
+
+
 def compiled_memory(fn: Callable, *args) -> dict:
   """XLA's compiled memory figures (bytes) of `jax.jit(fn)(*args)`; args may be
   `jax.ShapeDtypeStruct`s. `peak` = argument + output + temp - alias."""

@@ -100,7 +100,7 @@ def torch_python() -> str | None:
 class TorchWorker:
   """bench/torch_fdistill.py in its own process; `run()` is one timed step there."""
 
-  def __init__(self, python: str, inputs_path: str, name: str):
+  def __init__(self, python: str, inputs_path: str, name: str, threads: int):
     self.proc = subprocess.Popen(
       [
         python,
@@ -109,6 +109,8 @@ class TorchWorker:
         inputs_path,
         "--divergence",
         name,
+        "--threads",
+        str(threads),
       ],
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
@@ -150,6 +152,7 @@ def run(args) -> dict:
   )
   python = None if args.no_torch else torch_python()
   figures, notes, misses = {}, [], []
+  threads, probe = None, {}
   with tempfile.TemporaryDirectory() as tmp:
     inputs_path = os.path.join(tmp, "inputs.npz")
     np.savez(inputs_path, **data)
@@ -160,7 +163,13 @@ def run(args) -> dict:
       sides = {"unfused": lambda f=unfused: f(*inputs), "fused": lambda f=fused: f(*inputs)}
       worker = None
       if python is not None and name in TORCH_DIVERGENCES:
-        worker = TorchWorker(python, inputs_path, name)
+        if threads is None:
+          # PyTorch's best thread count on this (shared) machine, probed once.
+          threads, worker, probe = common.fastest_worker(
+            lambda n, name=name: TorchWorker(python, inputs_path, name, n), (1, os.cpu_count())
+          )
+        else:
+          worker = TorchWorker(python, inputs_path, name, threads)
         sides["torch"] = worker.run
       times = common.time_rotating(sides, warmup=args.warmup, repeats=repeats)
       (loss_u, _), (loss_f, _) = sides["unfused"](), sides["fused"]()
@@ -218,7 +227,10 @@ def run(args) -> dict:
       "`calc_tvd_loss`, masked_select of non-pad rows), CPU float32, its own process; "
       "`torch_time_ratio` = fused JAX time / PyTorch time; torch memory is the process's "
       "resident-set growth (not comparable to XLA's figure). The other divergences have no "
-      "original formula."
+      "original formula. PyTorch ran with its faster thread count on this machine, "
+      f"{threads} (probe: "
+      + ", ".join(f"{k} threads {v:.2f} s" for k, v in probe.items())
+      + "): its OpenMP threads collapse when the shared machine is oversubscribed."
     )
   if misses:
     notes.append(

@@ -11,7 +11,7 @@ The student logits come from the output head as in the original models
 "run" is the forward + backward to the student hidden states and head.
 
 Protocol (driven by bench.loss_kernel so that JAX and PyTorch runs can be
-alternated): argv `--inputs file.npz --divergence kl`; then one command per
+alternated): argv `--inputs file.npz --divergence kl [--threads n]`; then one command per
 stdin line: `run` answers `{"seconds": s, "loss": x}`, `quit` answers
 `{"peak_rss_bytes": n, "threads": t}` (peak resident memory of this process
 above its level before the inputs were loaded) and exits.
@@ -87,7 +87,10 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--inputs", required=True)
   parser.add_argument("--divergence", required=True, choices=DIVERGENCES)
+  parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
   args = parser.parse_args()
+  if args.threads:
+    torch.set_num_threads(args.threads)
   torch.set_grad_enabled(True)
   base_rss = _rss_bytes()
   data = np.load(args.inputs)
