@@ -84,7 +84,7 @@ def _field(fields, key, default=None):
   return default if f is None else f.contents()
 
 
-def gguf_hf_config(fields, tensor_names, where: str) -> dict:
+def gguf_hf_config(fields, tensor_names, where: str, embedding_rows: int | None = None) -> dict:
   """A Hugging Face-style LLaMA config dict from GGUF metadata."""
   arch = _field(fields, "general.architecture")
   if arch not in SUPPORTED_ARCHITECTURES:
@@ -120,8 +120,10 @@ def gguf_hf_config(fields, tensor_names, where: str) -> dict:
       f"{where}: partial RoPE ({arch}.rope.dimension_count={rope_dim} < head_dim={head_dim}) "
       "is not supported."
     )
+  # The vocabulary size is metadata in newer files; older ones only imply it
+  # by the token list (or the embedding's rows, passed in by the caller).
   tokens = _field(fields, "tokenizer.ggml.tokens")
-  vocab = meta("vocab_size", len(tokens) if tokens is not None else None)
+  vocab = meta("vocab_size", len(tokens) if tokens is not None else embedding_rows)
   eos = _field(fields, "tokenizer.ggml.eos_token_id", 2)
   return {
     "model_type": "llama",
@@ -184,7 +186,8 @@ def read_gguf(path: str):
   except (ValueError, OSError) as e:
     raise ConversionError(f"{path!r} is not a readable GGUF file: {e}") from e
   names = {t.name for t in reader.tensors}
-  hf = gguf_hf_config(reader.fields, names, path)
+  rows = [int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"]
+  hf = gguf_hf_config(reader.fields, names, path, rows[0] if rows else None)
   return hf, _tensor_source(reader, hf, path)
 
 
