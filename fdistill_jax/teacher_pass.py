@@ -32,10 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from fdistill_jax import models
+from fdistill_jax import models, sharding
 from fdistill_jax import records as rec
 
 # (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
@@ -62,6 +60,7 @@ class PassConfig:
   max_target_len: int = 128
   split: str = "train"
   max_examples: int = 0  # 0: the whole split
+  mesh: tuple = ()  # (axis, size) pairs for sharding.make_mesh; (): data-parallel only
 
   @classmethod
   def from_config(cls, cfg) -> PassConfig:
@@ -70,6 +69,8 @@ class PassConfig:
     params = values.get("sampler_params", ())
     if hasattr(params, "items"):
       values["sampler_params"] = tuple(sorted(dict(params).items()))
+    mesh = values.get("mesh", ())
+    values["mesh"] = tuple(dict(mesh).items()) if hasattr(mesh, "items") else tuple(mesh)
     return cls(**values)
 
 
@@ -252,8 +253,8 @@ def teacher_pass(
     model: the teacher (`nnx.Module` of `fdistill_jax.models`).
     task: a Task (docs/internals.md); `pass_config.split` is read.
     sampler: defaults to `make_sampler(pass_config)`.
-    devices: this process's devices for the data-parallel mesh (default: all
-      local devices); `batch_size` must be a multiple of their number.
+    devices: this process's devices (default: all local ones), laid out as
+      `pass_config.mesh`; `batch_size` must split over the data axes.
     on_shard_written: called with each shard index once it is on disk (tests
       use it to stop a pass part-way).
   Returns the manifest on process 0, None elsewhere.
@@ -262,8 +263,11 @@ def teacher_pass(
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   devices = list(devices if devices is not None else jax.local_devices())
-  if pc.batch_size % len(devices):
-    raise ValueError(f"batch_size {pc.batch_size} is not a multiple of {len(devices)} devices")
+  # Each process computes its own shards, so its mesh holds only its devices.
+  mesh = sharding.make_mesh(dict(pc.mesh) or None, devices)
+  replicas = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+  if pc.batch_size % replicas:
+    raise ValueError(f"batch_size {pc.batch_size} is not a multiple of {replicas} data replicas")
   sampler = sampler or make_sampler(pc)
   tokenizer, cfg = task.tokenizer, model.config
   eos = tokenizer.eos_id if getattr(task, "input_eos", True) else None  # how sources are cut
@@ -313,10 +317,10 @@ def teacher_pass(
   rec.remove_stale_temporaries(out_dir, [rec.shard_name(i, num_shards) for i in todo])
   logging.info("teacher pass: %d of this process's %d shards to write", len(todo), len(mine))
 
-  mesh = Mesh(np.array(devices), ("data",))
-  batch_sharding = NamedSharding(mesh, P("data"))
+  # Parameters follow the models' logical-axis rules: replicated on a
+  # data-only mesh, split over `model`/`fsdp` axes for teachers too big for one device.
   graphdef, state = nnx.split(model)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  state = jax.device_put(state, sharding.named_shardings(state, mesh))
 
   key = jax.random.key(pc.seed)
   writer = _ShardWriterThread(out_dir, spec, num_shards, on_shard_written)
@@ -355,7 +359,7 @@ def teacher_pass(
       for start in range(0, len(examples), pc.batch_size):
         batch = examples[start : start + pc.batch_size]
         arrays = _batch_arrays(batch, pc, cfg.pad_id, eos)
-        arrays = jax.device_put(arrays, batch_sharding)
+        arrays = sharding.shard_batch(arrays, mesh)
         # Dispatched asynchronously: the devices run while the host goes on.
         out = _step(graphdef, pc, sampler, state, *arrays, key)
         in_flight.append((index, batch, start + pc.batch_size >= len(examples), out))

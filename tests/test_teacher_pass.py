@@ -221,6 +221,24 @@ def test_one_device_gives_the_same_records(reference, tmp_path):
   assert manifest["shards"] == ref_manifest["shards"]
 
 
+def test_model_parallel_teacher_gives_the_same_records(reference, tmp_path):
+  ref_dir, _ = reference
+  pc = tp.PassConfig(**{**vars(PASS), "mesh": (("data", 4), ("model", 2))})
+  run_pass(tmp_path, pc=pc)
+  # Split matmuls sum in another order: the same sequences, log-probs to float32 rounding.
+  ref = RecordReader(str(ref_dir), batch_size=10, shuffle=False, num_epochs=1)
+  got = RecordReader(str(tmp_path), batch_size=10, shuffle=False, num_epochs=1)
+  (want,), (have,) = list(ref), list(got)
+  for key in ("example_index", "teacher_tokens", "teacher_mask", "teacher_topk_ids"):
+    np.testing.assert_array_equal(have[key], want[key], err_msg=key)
+  for key in ("teacher_token_logprobs", "teacher_tail_logmass"):
+    np.testing.assert_allclose(have[key], want[key], atol=1e-5, err_msg=key)
+  # bf16 storage: a 1e-7 difference may round to the neighbouring value (one ulp, 2^-7 relative).
+  np.testing.assert_allclose(
+    have["teacher_topk_logprobs"], want["teacher_topk_logprobs"], rtol=2**-7
+  )
+
+
 def test_multi_process_slices_make_the_same_records(reference, tmp_path):
   ref_dir, _ = reference
   # Process 1 of 2 first (it writes shard 1), then process 0 (shards 0, 2 and the manifest).
