@@ -61,6 +61,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   c.max_input_len = 32  # S: source length of every batch
   c.max_target_len = 32  # T: teacher sequences, student samples and targets
   c.num_teacher_samples = 1  # teacher sequences per input used (of the records' N)
+  c.online_teacher = False  # sample teacher sequences in the step (config.sampler), no records
   c.log_every_steps = 50  # metrics to metrics.jsonl / TensorBoard
   c.eval_every_steps = 500  # validation NLL of the ground truth (0: never)
   c.eval_batches = 8  # validation batches per evaluation (0: the whole split)
@@ -74,11 +75,19 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def sampler_config() -> ml_collections.ConfigDict:
-  """`config.sampler`: how student samples are drawn in the step (ENGINE: greedy)."""
+  """`config.sampler`: how student samples are drawn in the step (ENGINE: always greedy).
+
+  Parameters left at their neutral value are not passed to the method; one
+  the method does not take (e.g. top_p for beam_sample) fails before compiling.
+  """
   c = ml_collections.ConfigDict()
-  c.name = "sample"  # a fdistill_jax.decoding method (the original: beam_sample)
+  c.name = "sample"  # fdistill_jax.decoding method: sample, beam_sample, beam_search, greedy
   c.num_samples = 1  # samples per input (the original: 1)
-  c.params = ml_collections.ConfigDict()  # method parameters, e.g. temperature, top_k, num_beams
+  c.temperature = 1.0  # sample / beam_sample temperature
+  c.top_k = 0  # sample / beam_sample top-k filter (0: off; the original beam_sample: 30 or 40)
+  c.top_p = 1.0  # sample: nucleus filter (1: off; the original dialogue runs: 0.9)
+  c.num_beams = 0  # beam_sample / beam_search beams (0: the method's default; original: 5-6)
+  c.length_penalty = 1.0  # beam methods: score / length**length_penalty
   return c
 
 

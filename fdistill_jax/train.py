@@ -147,15 +147,39 @@ def _sample_result(result):
   return result[0], result[-1]
 
 
+_NEUTRAL_SAMPLER_PARAMS = {
+  "temperature": 1.0,
+  "top_k": 0,
+  "top_p": 1.0,
+  "num_beams": 0,
+  "length_penalty": 1.0,
+}
+
+
+def sampler_params(sampler_cfg) -> dict:
+  """The `config.sampler` parameters that differ from their neutral value."""
+  return {
+    k: sampler_cfg[k]
+    for k, neutral in _NEUTRAL_SAMPLER_PARAMS.items()
+    if k in sampler_cfg and sampler_cfg[k] != neutral
+  }
+
+
 def default_sampler(decoding: str, sampler_cfg, max_len: int):
-  """The trainer's student sampler: (model, inputs, input_mask, keys) -> (tokens, lengths)."""
+  """The trainer's student sampler: (model, inputs, input_mask, keys) -> DecodeResult.
+
+  `decoding` is the objective's (`ObjectiveSpec.decoding`): "greedy" ignores
+  `config.sampler`; "sampler" uses it.
+  """
   from fdistill_jax import decoding as dec
 
   if decoding == "greedy":
     return dec.make_model_sampler("greedy", num_samples=1, max_len=max_len)
-  params = dict(sampler_cfg.params) if "params" in sampler_cfg else {}
   return dec.make_model_sampler(
-    sampler_cfg.name, num_samples=sampler_cfg.num_samples, max_len=max_len, **params
+    sampler_cfg.name,
+    num_samples=sampler_cfg.num_samples,
+    max_len=max_len,
+    **sampler_params(sampler_cfg),
   )
 
 
@@ -171,6 +195,7 @@ def make_train_step(
   max_target_len: int,
   use_topk: bool = True,
   dropout: bool = False,
+  teacher_sampler: Callable | None = None,
 ):
   """`step(state, batch, teacher_params) -> (state, metrics)`, not yet jitted.
 
@@ -184,11 +209,16 @@ def make_train_step(
     max_target_len: T of every source (teacher rows, samples, ground truth).
     use_topk: take the teacher's distribution on teacher sequences from the
       batch's stored top-k (no teacher forward there).
+    dropout: student dropout (the model's `dropout_rate`) in the loss pass.
+    teacher_sampler: draw the teacher sequences in the step with this sampler
+      (online, the original's kl_sample/js_sample) instead of reading them
+      from the batch; the teacher's distribution then comes from its logits.
   """
   spec = obj_cfg.spec
   length = max_target_len
   pad_id = student.config.pad_id
-  needs_topk = use_topk and "teacher" in spec.teacher_dist
+  online = teacher_sampler is not None and "teacher" in spec.sources
+  needs_topk = use_topk and not online and "teacher" in spec.teacher_dist
   teacher_on = set(spec.teacher_dist) - ({"teacher"} if needs_topk else set())
   if spec.hidden:
     teacher_on |= set(spec.sources)
@@ -197,11 +227,34 @@ def make_train_step(
   if "student" in spec.sources and sampler is None:
     raise ValueError(f"objective {obj_cfg.name!r} samples the student: a sampler is needed")
 
-  def sources_for(params, batch, key):
+  if online and teacher is None:
+    raise ValueError("online teacher sampling needs the teacher model")
+
+  def draw(sampler_fn, model, inputs, input_mask, keys):
+    """Samples as rows: (inputs, input_mask, tokens, mask) `[B * n, ...]`."""
+    tokens, lengths = _sample_result(sampler_fn(model, inputs, input_mask, keys))
+    tokens = jax.lax.stop_gradient(tokens)
+    n = tokens.shape[1]
+    mask = (jnp.arange(tokens.shape[-1]) < lengths[..., None]).astype(jnp.float32)
+    tokens = jnp.where(mask > 0, tokens, pad_id)
+    return (
+      jnp.repeat(inputs, n, axis=0),
+      jnp.repeat(input_mask, n, axis=0),
+      _fit_length(tokens.reshape(-1, tokens.shape[-1]), length, pad_id).astype(jnp.int32),
+      _fit_length(mask.reshape(-1, mask.shape[-1]), length, 0.0),
+      {},
+    )
+
+  def sources_for(params, batch, key, teacher_params):
     """Row blocks: name -> (inputs, input_mask, tokens, mask, extras)."""
     blocks = {}
     inputs, input_mask = batch["inputs"], batch["input_mask"]
-    if "teacher" in spec.sources:
+    index = batch["example_index"].astype(jnp.int32)
+    if online:
+      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, 1), i))(index)
+      t_model = teacher.merge(jax.lax.stop_gradient(teacher_params))
+      blocks["teacher"] = draw(teacher_sampler, t_model, inputs, input_mask, keys)
+    elif "teacher" in spec.sources:
       n = num_teacher_samples
       extras = {}
       if needs_topk:
@@ -222,21 +275,8 @@ def make_train_step(
       )
     if "student" in spec.sources:
       model = student.merge(jax.lax.stop_gradient(params))
-      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(
-        batch["example_index"].astype(jnp.int32)
-      )
-      tokens, lengths = _sample_result(sampler(model, inputs, input_mask, keys))
-      tokens = jax.lax.stop_gradient(tokens)
-      n = tokens.shape[1]
-      mask = (jnp.arange(tokens.shape[-1]) < lengths[..., None]).astype(jnp.float32)
-      tokens = jnp.where(mask > 0, tokens, pad_id)
-      blocks["student"] = (
-        jnp.repeat(inputs, n, axis=0),
-        jnp.repeat(input_mask, n, axis=0),
-        _fit_length(tokens.reshape(-1, tokens.shape[-1]), length, pad_id).astype(jnp.int32),
-        _fit_length(mask.reshape(-1, mask.shape[-1]), length, 0.0),
-        {},
-      )
+      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+      blocks["student"] = draw(sampler, model, inputs, input_mask, keys)
     if "ground_truth" in spec.sources:
       blocks["ground_truth"] = (
         inputs,
@@ -251,7 +291,7 @@ def make_train_step(
     return jnp.concatenate([blocks[n][index] for n in names], axis=0)
 
   def micro_loss(params, batch, teacher_params, key):
-    blocks = sources_for(params, batch, jax.random.fold_in(key, 0))
+    blocks = sources_for(params, batch, jax.random.fold_in(key, 0), teacher_params)
     names = list(blocks)
     sizes = [blocks[n][0].shape[0] for n in names]
     splits = np.cumsum(sizes)[:-1]
@@ -437,10 +477,16 @@ class MetricWriter:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
       import tensorflow as tf
+      from tensorflow.core.framework import summary_pb2
 
+      # tf.summary.scalar needs the tensorboard package; the raw write with
+      # the scalars plugin's metadata makes the same event without it.
+      meta = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+      ).SerializeToString()
       with self._tb.as_default(step=int(step)):
         for k, v in scalars.items():
-          tf.summary.scalar(f"{prefix}/{k}", float(v))
+          tf.summary.write(f"{prefix}/{k}", tf.constant(float(v), tf.float32), metadata=meta)
       self._tb.flush()
 
   def close(self):
@@ -526,8 +572,9 @@ def train_loop(
   mesh = make_mesh(config.mesh)
   frozen_student = Frozen(student)
   tx = make_optimizer(tc)
-  use_topk = obj_cfg.use_teacher_topk
-  teacher_needed = spec.needs_teacher_model(use_topk)
+  online = bool(tc.online_teacher) and "teacher" in spec.sources
+  use_topk = obj_cfg.use_teacher_topk and not online
+  teacher_needed = spec.needs_teacher_model(use_topk) or online
   frozen_teacher = Frozen(teacher) if (teacher is not None and teacher_needed) else None
   if teacher_needed and frozen_teacher is None:
     raise ValueError(f"objective {obj_cfg.name!r} needs config.teacher (a trained checkpoint)")
@@ -549,6 +596,9 @@ def train_loop(
     max_target_len=tc.max_target_len,
     use_topk=use_topk,
     dropout=tc.dropout,
+    teacher_sampler=default_sampler("sampler", config.sampler, tc.max_target_len)
+    if online
+    else None,
   )
   state, state_shardings = init_state(frozen_student, tx, tc.seed, mesh)
   teacher_params = None
@@ -762,8 +812,10 @@ def check_config(config, student_cfg, teacher_cfg=None):
       f"teacher vocab_size {teacher_cfg.vocab_size} != student vocab_size "
       f"{student_cfg.vocab_size}: distillation needs one vocabulary"
     )
-  if obj_cfg.spec.decoding == "sampler" and config.sampler.num_samples < 1:
-    raise ValueError(f"sampler.num_samples must be >= 1, found {config.sampler.num_samples}")
+  if obj_cfg.spec.decoding == "sampler":
+    if config.sampler.num_samples < 1:
+      raise ValueError(f"sampler.num_samples must be >= 1, found {config.sampler.num_samples}")
+    default_sampler("sampler", config.sampler, tc.max_target_len)  # raises for bad settings
   return obj_cfg
 
 
@@ -774,8 +826,9 @@ def run(config, workdir: str):
   student_cfg = models.ModelConfig.from_config(config.student.model)
   obj_cfg = objectives.ObjectiveConfig.from_config(config.objective)
   spec = obj_cfg.spec
+  online = bool(config.train.online_teacher) and "teacher" in spec.sources
   teacher = None
-  if spec.needs_teacher_model(obj_cfg.use_teacher_topk) or spec.hidden:
+  if spec.needs_teacher_model(obj_cfg.use_teacher_topk and not online) or online:
     teacher_cfg = models.ModelConfig.from_config(config.teacher.model)
     check_config(config, student_cfg, teacher_cfg)
     teacher = load_model(
@@ -788,7 +841,7 @@ def run(config, workdir: str):
   else:
     student = models.build_model(student_cfg, rngs=config.train.seed)
   task = tasks.get_task(config.task)
-  if "teacher" in spec.sources:
+  if "teacher" in spec.sources and not online:
     data_fn = _records_data(config, workdir, student_cfg.vocab_size)
   else:
     data_fn = _ground_truth_data(config, task, "train")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -45,51 +44,14 @@ def config(objective: str = "js", **train) -> ml_collections.ConfigDict:
   return c
 
 
-def reference_sampler(greedy: bool, max_len: int):
-  """Ancestral (or greedy) sampling with the model API, in the sampler's calling form.
-
-  Used only until/unless `fdistill_jax.decoding` is importable, so the trainer
-  tests do not depend on the decoding module's progress.
-  """
-
-  def sampler(model, inputs, input_mask, keys):
-    b = inputs.shape[0]
-    state = models.init_decode_state(model, inputs, input_mask, max_len)
-    tok0 = models.start_tokens(model, inputs, input_mask)
-    eos, pad = model.config.eos_id, model.config.pad_id
-
-    def body(carry, t):
-      state, tok, done = carry
-      logits, state = models.decode_step(model, state, tok)
-      if greedy:
-        nxt = jnp.argmax(logits, -1)
-      else:
-        nxt = jax.vmap(lambda k, lg: jax.random.categorical(jax.random.fold_in(k, t), lg))(
-          keys, logits
-        )
-      nxt = jnp.where(done, pad, nxt.astype(jnp.int32))
-      return (state, nxt, done | (nxt == eos)), (nxt, ~done)
-
-    init = (state, tok0, jnp.zeros(b, bool))
-    _, (toks, alive) = jax.lax.scan(body, init, jnp.arange(max_len))
-    return toks.T[:, None], alive.sum(0)[:, None].astype(jnp.int32)
-
-  return sampler
-
-
 def sampler_for(objective: str):
-  from fdistill_jax import objectives
+  """The configured student sampler of `objective` (None when it draws none)."""
+  from fdistill_jax import objectives, train
 
   decoding = objectives.OBJECTIVES[objective].decoding
   if decoding is None:
     return None
-  try:
-    from fdistill_jax import train
-
-    c = config(objective)
-    return train.default_sampler(decoding, c.sampler, T)
-  except ImportError:
-    return reference_sampler(decoding == "greedy", T)
+  return train.default_sampler(decoding, config(objective).sampler, T)
 
 
 def make_batch(i: int, teacher=None) -> dict:

@@ -23,11 +23,12 @@ def tiny():
   return student, teacher
 
 
-def _step_setup(objective, student, teacher, mesh_shape, **train_overrides):
+def _step_setup(objective, student, teacher, mesh_shape, online=False, **train_overrides):
   c = h.config(objective, **train_overrides)
   obj = objectives.ObjectiveConfig.from_config(c.objective)
   fs = train.Frozen(student)
-  ft = train.Frozen(teacher) if obj.spec.needs_teacher_model(obj.use_teacher_topk) else None
+  needed = obj.spec.needs_teacher_model(obj.use_teacher_topk) or online
+  ft = train.Frozen(teacher) if needed else None
   tx = train.make_optimizer(c.train)
   step_fn = train.make_train_step(
     obj,
@@ -39,6 +40,7 @@ def _step_setup(objective, student, teacher, mesh_shape, **train_overrides):
     num_teacher_samples=c.train.num_teacher_samples,
     max_target_len=h.T,
     use_topk=obj.use_teacher_topk,
+    teacher_sampler=train.default_sampler("sampler", c.sampler, h.T) if online else None,
   )
   mesh = train.make_mesh(mesh_shape)
   state, shardings = train.init_state(fs, tx, 0, mesh)
@@ -59,6 +61,21 @@ def test_a_few_steps_reduce_the_loss(tiny, objective):
   # Student samples change every step, so compare averages, not single steps.
   assert np.mean(losses[-3:]) < np.mean(losses[:2]), losses
   assert int(state["step"]) == 8
+
+
+def test_online_teacher_sequences_are_drawn_in_the_step(tiny):
+  student, teacher = tiny
+  step, state, tparams, mesh = _step_setup("kl", student, teacher, {"data": 1}, online=True)
+  batch = h.make_batch(0, teacher)
+  # The records' teacher arrays are not read: garbage there changes nothing.
+  poisoned = dict(batch, teacher_tokens=batch["teacher_tokens"] * 0 + 7)
+  poisoned["teacher_mask"] = np.ones_like(batch["teacher_mask"])
+  _, m1 = step(state, train.put_batch(batch, mesh), tparams)
+  step, state, tparams, mesh = _step_setup("kl", student, teacher, {"data": 1}, online=True)
+  _, m2 = step(state, train.put_batch(poisoned, mesh), tparams)
+  assert float(m1["loss"][0]) == float(m2["loss"][0]) > 0
+  # One sample per input (config.sampler.num_samples), not the records' N.
+  assert 0 < float(m1["teacher/tokens"][0]) <= h.B * h.T
 
 
 def test_one_and_eight_devices_give_the_same_step(tiny):
@@ -201,6 +218,8 @@ def test_resume_after_sigkill_ends_with_the_same_parameters(tmp_path):
     (lambda c: c.teacher.model.update(dict(vocab_size=64)), "vocab_size"),
     (lambda c: c.objective.update(dict(name="nope")), "objective.name"),
     (lambda c: c.objective.update(dict(beta=1.5)), "objective.beta"),
+    (lambda c: c.sampler.update(dict(name="beam_sample", top_p=0.9)), "takes"),
+    (lambda c: c.sampler.update(dict(name="nucleus")), "unknown decoding method"),
   ],
 )
 def test_bad_configs_raise_before_compiling(change, message):
@@ -236,3 +255,37 @@ def test_learning_rate_schedule_warms_up_then_decays_to_zero():
   assert float(lr(10)) == pytest.approx(1.0)
   assert float(lr(20)) == pytest.approx(0.5)
   assert float(lr(30)) == pytest.approx(0.0)
+
+
+def test_command_line_modes_train_a_teacher_then_distill_from_its_checkpoint(tmp_path):
+  from configs import distill, train_teacher
+
+  small = dict(
+    num_train_steps=2,
+    batch_size=4,
+    max_input_len=32,
+    max_target_len=12,
+    log_every_steps=1,
+    eval_every_steps=2,
+    eval_batches=1,
+    progress_bar=False,
+  )
+  tc = train_teacher.get_config()
+  tc.model.update(dict(d_model=16, d_ff=32, num_heads=2, num_layers=1))
+  tc.train.update(small)
+  tc.mesh.data = 1
+  out = train.run_teacher(tc, str(tmp_path / "teacher"))
+  assert out["step"] == 2 and np.isfinite(out["eval"]["nll"])
+  assert os.path.isdir(tmp_path / "teacher" / "tensorboard")
+
+  dc = distill.get_config("rkl")
+  dc.teacher.model = tc.model
+  dc.teacher.checkpoint = str(tmp_path / "teacher" / "checkpoints")
+  dc.student.model.update(dict(d_model=16, d_ff=32, num_heads=2))
+  dc.train.update(small)
+  dc.mesh.data = 1
+  out = train.run(dc, str(tmp_path / "rkl"))
+  assert out["step"] == 2
+  rows = train.read_metrics(str(tmp_path / "rkl"))
+  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+  assert all(r["student/tokens"] > 0 for r in rows if r["split"] == "train")
