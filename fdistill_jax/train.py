@@ -802,9 +802,17 @@ def check_config(config, student_cfg, teacher_cfg=None):
   for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
     if cfg is None:
       continue
-    if cfg.family in ("bart", "gpt2") and tc.max_target_len > cfg.max_positions:
+    # Decoder-only models hold prompt and continuation in one position table.
+    needed = tc.max_target_len + (0 if cfg.is_encoder_decoder else tc.max_input_len)
+    if cfg.family in ("bart", "gpt2") and needed > cfg.max_positions:
       raise ValueError(
-        f"train.max_target_len {tc.max_target_len} exceeds the {name}'s max_positions "
+        f"train.max_target_len {tc.max_target_len}"
+        + ("" if cfg.is_encoder_decoder else f" + max_input_len {tc.max_input_len}")
+        + f" exceeds the {name}'s max_positions {cfg.max_positions}"
+      )
+    if cfg.family == "bart" and tc.max_input_len > cfg.max_positions:
+      raise ValueError(
+        f"train.max_input_len {tc.max_input_len} exceeds the {name}'s max_positions "
         f"{cfg.max_positions}"
       )
   if teacher_cfg is not None and teacher_cfg.vocab_size != student_cfg.vocab_size:

@@ -240,6 +240,30 @@ def test_max_target_len_over_the_position_table_raises():
     train.check_config(c, models.ModelConfig.from_config(c.student.model))
 
 
+def test_decoder_only_lengths_count_prompt_and_continuation():
+  c = h.config("mle", max_input_len=100, max_target_len=40)
+  c.student.model = models.get_preset("gpt2-tiny")  # max_positions 128
+  with pytest.raises(ValueError, match="max_input_len 100 exceeds"):
+    train.check_config(c, models.ModelConfig.from_config(c.student.model))
+
+
+def test_paper_settings_pass_the_config_checks():
+  from configs import distill_paper
+
+  for setting in distill_paper.SETTINGS:
+    for objective in objectives.OBJECTIVES:
+      c = distill_paper.get_config(f"{setting}:{objective}")
+      train.check_config(
+        c,
+        models.ModelConfig.from_config(c.student.model),
+        models.ModelConfig.from_config(c.teacher.model),
+      )
+  c = distill_paper.get_config("wmt16_en_ro:js")
+  assert (c.objective.beta, c.train.optimizer, c.sampler.top_k) == (0.25, "adafactor", 40)
+  c = distill_paper.get_config("commonsense_dialogue:engine")
+  assert (c.sampler.name, c.sampler.top_p, c.train.grad_accum_steps) == ("sample", 0.9, 2)
+
+
 def test_locked_config_rejects_unknown_keys():
   c = h.config("js")
   c.lock()
