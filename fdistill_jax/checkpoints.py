@@ -114,6 +114,14 @@ class Checkpointer:
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored["state"], dict(restored["meta"] or {})
 
+  def read_meta(self, step: int | None = None) -> dict | None:
+    """The JSON `meta` item of `step` (default: the latest), without the state."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    restored = self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"] or {})
+
   def wait_until_finished(self):
     self.manager.wait_until_finished()
 

@@ -39,6 +39,7 @@ def test_round_trip_with_metadata_and_retention(tmp_path):
   expected = _state(6)
   jax.tree.map(np.testing.assert_array_equal, state, expected)
   assert meta["data"] == {"epoch": 0, "batches": 6}
+  assert ckpt.read_meta(4) == {"data": {"epoch": 0, "batches": 4}}
   state4, _ = ckpt.restore(abstract, step=4)
   np.testing.assert_array_equal(state4["params"]["w"], _state(4)["params"]["w"])
   ckpt.close()

@@ -313,3 +313,40 @@ def test_command_line_modes_train_a_teacher_then_distill_from_its_checkpoint(tmp
   rows = train.read_metrics(str(tmp_path / "rkl"))
   assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
   assert all(r["student/tokens"] > 0 for r in rows if r["split"] == "train")
+
+
+def test_distills_from_teacher_pass_records(tmp_path):
+  """The records reader feeds the trainer: top-k teacher side, reader position checkpointed."""
+  from fdistill_jax import teacher_pass as tp
+  from fdistill_jax.data import tasks
+
+  c = h.config("js", num_train_steps=2, max_input_len=32, max_target_len=10, batch_size=4)
+  c.task.max_examples = 8
+  c.student.model = models.get_preset("t5-tiny", vocab_size=128, d_model=16, d_ff=32, num_heads=2)
+  c.teacher.model = c.student.model
+  c.teacher_pass.out_dir = str(tmp_path / "records")
+  task = tasks.get_task(c.task)
+  teacher = models.build_model(c.teacher.model, rngs=1)
+  pc = tp.PassConfig(
+    num_samples=2,
+    sampler="sample",
+    top_k=8,
+    records_per_shard=4,
+    batch_size=4,
+    max_input_len=32,
+    max_target_len=10,
+    max_examples=8,
+  )
+  tp.teacher_pass(
+    teacher, task, c.teacher_pass.out_dir, pc, progress=False, devices=jax.devices()[:1]
+  )
+  data_fn = train._records_data(c, str(tmp_path), 128)
+  student = models.build_model(c.student.model, rngs=0)
+  out = train.train_loop(
+    c, str(tmp_path / "run"), student=student, teacher=teacher, data_fn=data_fn
+  )
+  assert out["step"] == 2 and np.isfinite(out["metrics"]["loss"])
+  assert out["metrics"]["teacher/tokens"] > 0
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "run" / "checkpoints"))
+  assert ckpt.read_meta() == {"data": {"epoch": 0, "batches": 2}, "objective": "js"}
+  ckpt.close()
