@@ -361,14 +361,25 @@ def is_main_process() -> bool:
 
 
 class MainProcessFilter(logging.Filter):
-  """Passes every record on process 0; elsewhere only warnings and worse."""
+  """Passes every record on process 0; elsewhere only warnings and worse.
+
+  The process index is read once, when the filter is made: asking JAX from
+  inside a log call would deadlock while JAX itself logs during backend start.
+  """
+
+  def __init__(self, process_index: int | None = None):
+    super().__init__()
+    self.main = (jax.process_index() if process_index is None else process_index) == 0
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or is_main_process()
+    return record.levelno >= logging.WARNING or self.main
 
 
 def install_log_filter(logger: logging.Logger | None = None) -> MainProcessFilter:
-  """Quietens INFO logs on processes other than 0 (root logger and its handlers)."""
+  """Quietens INFO logs on processes other than 0 (root logger and its handlers).
+
+  Call after `initialize`: it starts the JAX backend to learn the process index.
+  """
   logger = logging.getLogger() if logger is None else logger
   f = MainProcessFilter()
   logger.addFilter(f)

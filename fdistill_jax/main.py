@@ -11,6 +11,8 @@ import importlib
 from absl import app, flags
 from ml_collections import config_flags
 
+from fdistill_jax import distributed
+
 MODES = {
   # mode: "module:function" taking (config, workdir)
   "pipeline": "fdistill_jax.pipeline:run",
@@ -43,6 +45,9 @@ def main(argv):
     from configs import default
 
     config = default.get_config()
+  # Before anything touches a device: multi-process runs join their peers here.
+  distributed.initialize(config)
+  distributed.install_log_filter()
   _resolve(_MODE.value)(config, _WORKDIR.value)
 
 

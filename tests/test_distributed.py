@@ -430,3 +430,19 @@ def test_log_filter_drops_info_on_other_processes(monkeypatch):
   assert not f.filter(info)
   assert f.filter(warn)
   assert not distributed.is_main_process()
+
+
+def test_command_line_starts_with_the_log_filter_installed(tmp_path):
+  """main.py installs the filter before JAX starts; JAX logs while starting its
+  backend, and a filter that asked JAX for the process index deadlocked there."""
+  import subprocess
+  import sys
+
+  out = subprocess.run(
+    [sys.executable, "-m", "fdistill_jax.main", "--mode=inspect", f"--workdir={tmp_path}"],
+    capture_output=True,
+    text=True,
+    timeout=180,
+  )
+  assert out.returncode != 0
+  assert "no manifest.json in" in out.stderr
