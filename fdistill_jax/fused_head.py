@@ -95,7 +95,9 @@ def fused_divergence_loss(
       teacher, exactly one form (see the module docstring).
     temperature: softens the student (and full teacher logits; the stored
       top-k log-probs are taken as they are, as in `topk_divergence`).
-    chunk_size: tokens per chunk; the token count need not divide by it.
+    chunk_size: tokens per chunk. Chunks cut the last leading axis (positions)
+      and hold every row, `max(1, chunk_size // rows)` positions each, so a
+      sharded batch axis stays sharded; lengths need not divide.
     vocab_chunk_size: if set, vocabulary block size for the online logsumexp.
     impl: "custom_vjp" or "checkpoint" (see the module docstring).
     **params: the divergence's parameters (`beta`, `alpha`).
@@ -120,26 +122,34 @@ def fused_divergence_loss(
   kind, teacher = _teacher_arrays(
     lead, vocab, teacher_topk, teacher_logits, teacher_hidden, teacher_head
   )
-  tokens = math.prod(lead)
-  chunk = min(chunk_size, max(tokens, 1))
-  n_chunks = -(-tokens // chunk)
-  pad = n_chunks * chunk - tokens
+  # Chunks run along the last leading axis (positions) and keep every row:
+  # a chunk is `[rows, positions]`, so a batch axis sharded over devices stays
+  # sharded inside the scan instead of being gathered chunk by chunk.
+  rows = math.prod(lead[:-1]) if len(lead) > 1 else 1
+  length = lead[-1] if lead else 1
+  per_row = max(1, min(length, chunk_size // rows))
+  n_chunks = -(-length // per_row)
+  pad = n_chunks * per_row - length
 
-  def to_chunks(x, fill=0):
-    x = x.reshape((tokens,) + x.shape[len(lead) :])
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-    return x.reshape((n_chunks, chunk) + x.shape[1:])
+  def to_chunks(x):
+    """`[*lead, ...]` -> `[n_chunks, rows, per_row, ...]` (positions zero-padded)."""
+    x = x.reshape((rows, length) + x.shape[len(lead) :])
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((rows, n_chunks, per_row) + x.shape[2:]), 1, 0)
 
   teacher_chunks = {}
   for key, value in teacher.items():
     if key in ("w", "scale"):
       teacher_chunks[key] = value
     elif key == "ids":
-      # Padded rows get distinct ids so the top-k bookkeeping stays well defined.
+      # Padded positions get distinct ids so the top-k bookkeeping stays well defined.
       k = value.shape[-1]
-      real = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk, 1) < tokens
+      position = (
+        jnp.arange(n_chunks)[:, None, None, None] * per_row
+        + jnp.arange(per_row)[None, None, :, None]
+      )
       ids = to_chunks(value.astype(jnp.int32))
-      teacher_chunks[key] = jnp.where(real, ids, jnp.arange(k, dtype=jnp.int32))
+      teacher_chunks[key] = jnp.where(position < length, ids, jnp.arange(k, dtype=jnp.int32))
     else:
       teacher_chunks[key] = to_chunks(value)
   teacher_chunks = jax.lax.stop_gradient(teacher_chunks)
@@ -202,7 +212,14 @@ def _head(h, w, scale):
 def _chunk_loss(
   h, w, scale, teacher, weights, *, name, kind, temperature, vocab_chunk_size, params
 ):
-  """sum_c weights[c] * D(teacher_c || softmax(scale h_c W)) for one chunk `[C, ...]`."""
+  """sum_c weights[c] * D(teacher_c || softmax(scale h_c W)) for one chunk `[R, P, ...]`."""
+  # Row-major flattening of [rows, positions] keeps the rows' sharding on axis 0.
+  tokens = weights.size
+  h = h.reshape(tokens, h.shape[-1])
+  weights = weights.reshape(tokens)
+  teacher = {
+    k: v if k in ("w", "scale") else v.reshape((tokens,) + v.shape[2:]) for k, v in teacher.items()
+  }
   if vocab_chunk_size is not None and vocab_chunk_size < w.shape[1]:
     values = _blocked_values(
       h, w, scale, teacher, name, kind, temperature, vocab_chunk_size, params
