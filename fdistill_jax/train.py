@@ -61,8 +61,9 @@ class MetricWriter:
   def write(self, step: int, scalars: dict, prefix: str = "train"):
     if not self.enabled:
       return
-    row = {"step": int(step), "split": prefix}
-    row.update({k: float(v) for k, v in scalars.items()})
+    # Keys as the TensorBoard tags ("train/loss", "eval/nll"): one row per write.
+    row = {"step": int(step)}
+    row.update({f"{prefix}/{k}": float(v) for k, v in scalars.items()})
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
@@ -85,7 +86,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The rows `MetricWriter` wrote (for tests and the pipeline)."""
+  """The rows `MetricWriter` wrote: {"step", "train/<name>" or "eval/<name>": float}."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
