@@ -395,6 +395,16 @@ def nll_eval_fn(config, task, split: str = "validation"):
   return eval_fn
 
 
+def _default_eval(config, task):
+  """Validation NLL every `eval_every_steps`, when the task has a validation split."""
+  if not config.train.eval_every_steps:
+    return None
+  if "validation" not in tuple(task.splits):
+    logging.warning("task %r has no validation split: no periodic evaluation", task.name)
+    return None
+  return nll_eval_fn(config, task)
+
+
 def check_config(config, student_cfg, teacher_cfg=None):
   """Raises a clear ValueError for settings that cannot work, before anything compiles."""
   obj_cfg = objectives.ObjectiveConfig.from_config(config.objective)
@@ -464,7 +474,7 @@ def run(config, workdir: str):
     student=student,
     data_fn=data_fn,
     teacher=teacher,
-    eval_fn=nll_eval_fn(config, task) if config.train.eval_every_steps else None,
+    eval_fn=_default_eval(config, task),
   )
   return result
 
@@ -489,7 +499,7 @@ def run_teacher(config, workdir: str):
     workdir,
     student=model,
     data_fn=_ground_truth_data(config, task, "train"),
-    eval_fn=nll_eval_fn(config, task) if config.train.eval_every_steps else None,
+    eval_fn=_default_eval(config, task),
   )
   return result
 
