@@ -61,6 +61,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   c.max_input_len = 32  # S: source length of every batch
   c.max_target_len = 32  # T: teacher sequences, student samples and targets
   c.num_teacher_samples = 1  # teacher sequences per input used (of the records' N)
+  c.fused_head = False  # loss from hidden states with the output head fused (no [B, T, V] logits)
+  c.fused_chunk_size = 512  # fused head: tokens per chunk
   c.online_teacher = False  # sample teacher sequences in the step (config.sampler), no records
   c.log_every_steps = 50  # metrics to metrics.jsonl / TensorBoard
   c.eval_every_steps = 500  # validation NLL of the ground truth (0: never)

@@ -405,6 +405,32 @@ def compute_loss(cfg: ObjectiveConfig, sources: Mapping[str, Source]) -> tuple[A
   return loss, metrics
 
 
+def fused_terms(cfg: ObjectiveConfig) -> list[tuple[str, str, float, dict]] | None:
+  """The objective as weighted per-source registry divergences, for the fused head.
+
+  Returns [(divergence, source, weight, params)], so that the loss is
+  sum weight * mean_source D(p || q): exactly `compute_loss` for these
+  objectives. None where the loss is not of that form (js's one-sided
+  mixture terms, cross-entropies, pre-distillation), which then run unfused.
+  """
+  cfg = ObjectiveConfig.from_config(cfg)
+  if cfg.name == "kl":
+    return [("kl", "teacher", 1.0, {})]
+  if cfg.name == "rkl":
+    return [("rkl", "student", 1.0, {})]
+  if cfg.name == "kd":
+    return [("kl", "ground_truth", 1.0, {})]
+  if cfg.name == "tvd":
+    return [("tvd", "student", 0.5, {}), ("tvd", "teacher", 0.5, {})]
+  if cfg.name == "fdiv":
+    w = cfg.student_weight
+    return [
+      (cfg.divergence, "student", w, cfg.params),
+      (cfg.divergence, "teacher", 1 - w, cfg.params),
+    ]
+  return None
+
+
 def metric_means(metrics: Mapping[str, tuple]) -> dict[str, float]:
   """{name: sum / count} as Python floats (count 0 -> nan)."""
   out = {}

@@ -201,6 +201,8 @@ def train_loop(
     max_target_len=tc.max_target_len,
     use_topk=use_topk,
     dropout=tc.dropout,
+    fused_head=tc.fused_head,
+    fused_chunk_size=tc.fused_chunk_size,
     teacher_sampler=default_sampler("sampler", config.sampler, tc.max_target_len)
     if online
     else None,

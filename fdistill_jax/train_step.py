@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdistill_jax import models, objectives, sharding
-from fdistill_jax.fused_head import TeacherTopK
+from fdistill_jax.fused_head import TeacherTopK, fused_divergence_loss
 
 Array = jax.Array
 
@@ -190,6 +190,8 @@ def make_train_step(
   use_topk: bool = True,
   dropout: bool = False,
   teacher_sampler: Callable | None = None,
+  fused_head: bool = False,
+  fused_chunk_size: int = 512,
 ):
   """`step(state, batch, teacher_params) -> (state, metrics)`, not yet jitted.
 
@@ -207,6 +209,10 @@ def make_train_step(
     teacher_sampler: draw the teacher sequences in the step with this sampler
       (online, the original's kl_sample/js_sample) instead of reading them
       from the batch; the teacher's distribution then comes from its logits.
+    fused_head: compute the loss from hidden states with the output head
+      fused in (`fused_head.fused_divergence_loss`, `fused_chunk_size` tokens
+      at a time), so no `[rows, T, V]` logits exist, for the teacher either;
+      objectives without a fused form (`objectives.fused_terms`) run unfused.
   """
   spec = obj_cfg.spec
   length = max_target_len
@@ -223,6 +229,7 @@ def make_train_step(
 
   if online and teacher is None:
     raise ValueError("online teacher sampling needs the teacher model")
+  fused = objectives.fused_terms(obj_cfg) if fused_head else None
 
   def draw(sampler_fn, model, inputs, input_mask, keys):
     """Samples as rows: (inputs, input_mask, tokens, mask) `[B * n, ...]`."""
@@ -289,7 +296,7 @@ def make_train_step(
     names = list(blocks)
     sizes = [blocks[n][0].shape[0] for n in names]
     splits = np.cumsum(sizes)[:-1]
-    teacher_out = {}
+    teacher_out, t_head = {}, None
     t_names = [n for n in names if n in teacher_on]
     if t_names:
       t_model = teacher.merge(teacher_params)
@@ -299,9 +306,14 @@ def make_train_step(
         concat(blocks, t_names, 1),
         concat(blocks, t_names, 2),
         concat(blocks, t_names, 3),
+        with_logits=fused is None,
       )
       cut = np.cumsum([blocks[n][0].shape[0] for n in t_names])[:-1]
-      logits = jnp.split(jax.lax.stop_gradient(out.logits), cut)
+      if fused is None:
+        logits = jnp.split(jax.lax.stop_gradient(out.logits), cut)
+      else:  # the fused loss computes teacher logits chunk by chunk from these
+        logits = jnp.split(jax.lax.stop_gradient(out.hidden), cut)
+        t_head = jax.lax.stop_gradient(models.output_head(t_model))
       hidden = [jnp.split(jax.lax.stop_gradient(h), cut) for h in out.layer_hidden]
       for i, n in enumerate(t_names):
         teacher_out[n] = (logits[i], tuple(h[i] for h in hidden))
@@ -316,7 +328,10 @@ def make_train_step(
         concat(blocks, names, 2),
         concat(blocks, names, 3),
         dropout_rng=dropout_rng,
+        with_logits=fused is None,
       )
+      if fused is not None:
+        return fused_loss(s_model, jnp.split(out.hidden, splits))
       logits = jnp.split(out.logits, splits)
       hidden = [jnp.split(h, splits) for h in out.layer_hidden] if spec.hidden else None
       srcs = {}
@@ -334,6 +349,35 @@ def make_train_step(
           teacher_hidden=t_hidden if spec.hidden else None,
         )
       return objectives.compute_loss(obj_cfg, srcs)
+
+    def fused_loss(s_model, hidden):
+      """sum weight * mean D(p || q) per source, from hidden states (see `fused_terms`)."""
+      w, scale = models.output_head(s_model)
+      where = {n: i for i, n in enumerate(names)}
+      metrics, loss = {}, jnp.zeros((), jnp.float32)
+      for div, source, weight, params in fused:
+        _, _, _, mask, extras = blocks[source]
+        teacher_args = (
+          {"teacher_topk": extras["topk"]}
+          if "topk" in extras
+          else {"teacher_hidden": teacher_out[source][0], "teacher_head": t_head}
+        )
+        total, count = fused_divergence_loss(
+          div,
+          hidden[where[source]],
+          w,
+          scale,
+          mask,
+          temperature=obj_cfg.temperature,
+          chunk_size=fused_chunk_size,
+          **teacher_args,
+          **params,
+        )
+        metrics[f"{source}/{div}"] = (total, count)
+        loss = loss + weight * jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+        metrics[f"{source}/tokens"] = (count, jnp.ones((), jnp.float32))
+      metrics["loss"] = (loss, jnp.ones((), jnp.float32))
+      return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     del loss

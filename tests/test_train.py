@@ -41,6 +41,8 @@ def _step_setup(objective, student, teacher, mesh_shape, online=False, **train_o
     max_target_len=h.T,
     use_topk=obj.use_teacher_topk,
     teacher_sampler=train.default_sampler("sampler", c.sampler, h.T) if online else None,
+    fused_head=c.train.fused_head,
+    fused_chunk_size=7,  # does not divide the token count: exercises the padded chunk
   )
   mesh = train.make_mesh(mesh_shape)
   state, shardings = train.init_state(fs, tx, 0, mesh)
@@ -76,6 +78,24 @@ def test_online_teacher_sequences_are_drawn_in_the_step(tiny):
   assert float(m1["loss"][0]) == float(m2["loss"][0]) > 0
   # One sample per input (config.sampler.num_samples), not the records' N.
   assert 0 < float(m1["teacher/tokens"][0]) <= h.B * h.T
+
+
+@pytest.mark.parametrize("objective", ["kl", "tvd"])
+def test_fused_head_step_equals_the_unfused_step(tiny, objective):
+  # kl reads the records' top-k; tvd runs the teacher (hidden + head) on both sides.
+  student, teacher = tiny
+  results = []
+  for fused in (False, True):
+    step, state, tparams, mesh = _step_setup(
+      objective, student, teacher, {"data": 1}, fused_head=fused, learning_rate=1e-3
+    )
+    state, metrics = step(state, train.put_batch(h.make_batch(0, teacher), mesh), tparams)
+    results.append((jax.device_get(metrics), jax.device_get(state["params"])))
+  (m0, p0), (m1, p1) = results
+  assert sorted(m0) == sorted(m1)
+  for key in m0:
+    np.testing.assert_allclose(m0[key][0], m1[key][0], rtol=1e-5, atol=1e-6, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), p0, p1)
 
 
 def test_one_and_eight_devices_give_the_same_step(tiny):
