@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill_jax import objectives
+from fdistill_jax import divergences, objectives
 from fdistill_jax.fused_head import TeacherTopK
 
 B, T, V = 3, 5, 7
@@ -303,3 +303,21 @@ def test_default_layer_map_spreads_evenly():
   assert objectives.default_layer_map(3, 12) == (0, 6, 11)  # HF's LAYERS_TO_COPY[12][3]
   assert objectives.default_layer_map(1, 12) == (11,)
   assert objectives.default_layer_map(4, 4) == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fused_terms_describe_the_same_loss(name):
+  cfg = objectives.ObjectiveConfig.from_config(CONFIGS[name])
+  terms = objectives.fused_terms(cfg)
+  if terms is None:
+    assert name in ("js", "seqkd", "engine", "mle", "predistill")
+    return
+  srcs = {k: _jax_source(v) for k, v in _all_sources().items()}
+  expected, _ = objectives.compute_loss(cfg, srcs)
+  total = 0.0
+  for div, source, weight, params in terms:
+    s = srcs[source]
+    values = divergences.divergence(div, s.teacher_logits, s.student_logits, **params)
+    num, den = divergences.weighted_sum(values, s.mask)
+    total += weight * float(num) / float(den)
+  np.testing.assert_allclose(total, float(expected), rtol=1e-5)
