@@ -33,7 +33,9 @@ from fdistill_jax import decoding, models, objectives, train  # noqa: E402
 PRESETS = {
   "cpu": dict(
     student=("t5-bench", {}),
-    teacher=("t5-bench", dict(d_model=384, num_heads=6, d_ff=1536, num_layers=6)),
+    # Same width, more layers: the original students copy teacher layers
+    # (Shleifer & Rush), and pre-distillation matches hidden states.
+    teacher=("t5-bench", dict(num_layers=8)),
     batch=8,
     src_len=64,
     tgt_len=64,
