@@ -29,7 +29,7 @@ def pipeline_config() -> ml_collections.ConfigDict:
   c.teacher_batch_size = 32  # teacher training batch
   c.teacher_learning_rate = 2e-3  # teacher peak learning rate
   c.init_objective = "predistill"  # the shared student initialisation (paper: pre-distillation)
-  c.init_steps = 300  # steps of the shared initialisation
+  c.init_steps = 500  # steps of the shared initialisation
   c.distill_steps = 300  # steps of each method, from the shared initialisation
   c.learning_rate = 1e-3  # student peak learning rate (init and methods)
   c.eval_split = "test"  # split every model is evaluated on
@@ -58,6 +58,9 @@ def get_config(arg: str | None = None):
   config.train.max_input_len = 24
   config.train.max_target_len = 24
   config.objective.layer_map = (1,)  # pre-distillation: student layer 0 <- teacher layer 1
+  # Match layer-normalised hidden states (as the original EN-RO and dialogue
+  # runs did): raw states differ in scale and the MSE would swamp KD and MLE.
+  config.objective.normalize_hidden = True
   # Offline teacher sequences: ancestral samples (the paper's formulation),
   # two per input, with the top-64 teacher log-probs at every position.
   config.teacher_pass.sampler = "sample"

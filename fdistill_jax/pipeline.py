@@ -21,6 +21,7 @@ evaluations are reused; run the same command again after a crash.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import time
@@ -92,37 +93,54 @@ def student_config(config, workdir: str, objective: str, init_checkpoint: str, s
 # ---------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _score(graphdef, state, inputs, input_mask, tokens, mask):
+  return models.score(nnx.merge(graphdef, state), inputs, input_mask, tokens, mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode(graphdef, sampler: decoding.ModelSampler, seed: int, state, inputs, input_mask, index):
+  keys = decoding.example_keys(jax.random.key(seed), index)
+  return sampler(nnx.merge(graphdef, state), inputs, input_mask, keys)
+
+
+# Module-level jits with the graph definition static: every student shares one
+# architecture, so each function compiles once for the whole evaluation.
+
+
 def _scorer(model):
   graphdef, state = nnx.split(model)
 
-  @jax.jit
-  def score(state, inputs, input_mask, tokens, mask):
-    m = nnx.merge(graphdef, state)
-    return models.score(m, inputs, input_mask, tokens, mask)
-
   def score_fn(batch, tokens, mask):
-    return score(state, batch["inputs"], batch["input_mask"], tokens, mask)
+    return _score(graphdef, state, batch["inputs"], batch["input_mask"], tokens, mask)
 
   return score_fn
 
 
-def _decoder(model, sampler: decoding.ModelSampler, seed: int):
+def _decoder(model, sampler: decoding.ModelSampler, seed: int, cache: dict | None = None):
+  """decode_fn(batch) -> numpy DecodeResult; with `cache`, each batch is decoded once."""
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, inputs, input_mask, index):
-    keys = decoding.example_keys(jax.random.key(seed), index)
-    return sampler(nnx.merge(graphdef, state), inputs, input_mask, keys)
 
   def decode_fn(batch):
     index = np.maximum(batch["example_index"], 0)
-    return jax.tree.map(np.asarray, run(state, batch["inputs"], batch["input_mask"], index))
+    key = tuple(index.tolist())
+    if cache is not None and key in cache:
+      return cache[key]
+    out = _decode(graphdef, sampler, seed, state, batch["inputs"], batch["input_mask"], index)
+    out = jax.tree.map(np.asarray, out)
+    if cache is not None:
+      cache[key] = out
+    return out
 
   return decode_fn
 
 
-def evaluate(config, task, model, teacher) -> dict:
-  """Distribution metrics from ancestral samples, quality metrics from greedy outputs."""
+def evaluate(config, task, model, teacher, teacher_cache: dict | None = None) -> dict:
+  """Distribution metrics from ancestral samples, quality metrics from greedy outputs.
+
+  `teacher_cache` keeps the teacher's samples (the same for every student:
+  same keys) across calls.
+  """
   from fdistill_jax import evaluate as ev
 
   p = config.pipeline
@@ -140,7 +158,7 @@ def evaluate(config, task, model, teacher) -> dict:
     _decoder(model, samples, p.eval_seed),
     teacher_score_fn=_scorer(teacher),
     student_score_fn=_scorer(model),
-    teacher_decode_fn=_decoder(teacher, teacher_samples, p.eval_seed + 1),
+    teacher_decode_fn=_decoder(teacher, teacher_samples, p.eval_seed + 1, teacher_cache),
     **common,
   )
   greedy = decoding.make_model_sampler("greedy", max_len=max_len)
@@ -219,7 +237,10 @@ def _write_report(workdir: str, config, rows: dict, timings: dict, runs: dict):
     "mode coverage and the KL/RKL estimates against the true distribution p*; "
     "BLEU from greedy outputs against all valid outputs as references. "
     "R_llh: per-token NLL of student samples under the teacher; R_cvg: per-token "
-    "NLL of teacher samples under the student.",
+    "NLL of teacher samples under the student. RKL(q||p*) is a Monte Carlo "
+    "estimate in which invalid samples get log p* = log 1e-6: the true RKL is "
+    "infinite whenever precision < 100%, so this is only a floor-regularised "
+    "figure, and it can be negative for models that rarely produce valid outputs.",
     "",
     table,
     "",
@@ -296,7 +317,7 @@ def run(config, workdir: str):
   teacher = train.load_model(config.teacher.model, os.path.join(teacher_dir, "checkpoints"))
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
-  rows = {}
+  rows, teacher_cache = {}, {}
   for name in ["teacher", *runs]:
     path = os.path.join(eval_dir, f"{name}.json")
     if os.path.exists(path):
@@ -307,7 +328,7 @@ def run(config, workdir: str):
       model = teacher
     else:
       model = train.load_model(config.student.model, os.path.join(runs[name], "checkpoints"))
-    metrics = _timed(timings, "evaluate", evaluate, config, task, model, teacher)
+    metrics = _timed(timings, "evaluate", evaluate, config, task, model, teacher, teacher_cache)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       json.dump(metrics, f, indent=2, default=float)
