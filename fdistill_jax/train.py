@@ -463,6 +463,14 @@ def run(config, workdir: str):
     check_config(config, student_cfg)
   if config.student.init_checkpoint:
     student = load_model(config.student.model, config.student.init_checkpoint)
+  elif config.student.get("init"):
+    # Copy chosen teacher layers (the original: BART [0, 6, 11] / [0]).
+    from fdistill_jax import convert
+
+    source = teacher or load_model(
+      config.teacher.model, config.teacher.checkpoint, config.teacher.get("pretrained")
+    )
+    student, _ = convert.student_from_teacher(source, config.student.init)
   else:
     student = models.build_model(student_cfg, rngs=config.train.seed)
   task = tasks.get_task(config.task)
