@@ -56,11 +56,15 @@ _MIN_DERIVED_TAIL = 1e-6
 def log_probs(logits: Array, temperature: float = 1.0) -> Array:
   """Log-softmax of `logits [..., V]` at `temperature`, in float32 (float64 stays
   float64), with -inf made finite."""
+  return jnp.maximum(jax.nn.log_softmax(_scaled(logits, temperature), axis=-1), NEG_INF)
+
+
+def _scaled(logits: Array, temperature: float) -> Array:
+  """Logits at `temperature`, at least float32, with -inf made finite."""
   x = _at_least_f32(logits)
   if temperature != 1.0:
     x = x / temperature
-  x = jnp.where(x == -jnp.inf, NEG_INF, x)
-  return jnp.maximum(jax.nn.log_softmax(x, axis=-1), NEG_INF)
+  return jnp.where(x == -jnp.inf, NEG_INF, x)
 
 
 def _at_least_f32(x) -> Array:
@@ -387,10 +391,7 @@ def vocab_parallel_divergence(
   """
 
   def sharded_log_probs(logits):
-    x = _at_least_f32(logits)
-    if temperature != 1.0:
-      x = x / temperature
-    x = jnp.where(x == -jnp.inf, NEG_INF, x)
+    x = _scaled(logits, temperature)
     peak = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)), axis_name)
     total = jax.lax.psum(jnp.sum(jnp.exp(x - peak), axis=-1, keepdims=True), axis_name)
     return jnp.maximum(x - peak - jnp.log(total), NEG_INF)
