@@ -205,16 +205,13 @@ def _divergence_terms(cfg: ObjectiveConfig, name: str, src: Source, where: str, 
   """Per-token D(p || q) `[B, T]` on `src` (0 where masked)."""
   mask = src.mask.astype(jnp.float32)
   if _teacher_form(src, where) == "logits":
+    # The registry divergence itself, for "js" too (fdiv's full JS), not
+    # `stepwise_terms`, whose "js" is one side of the js objective.
     teacher = jax.lax.stop_gradient(src.teacher_logits)
-    return stepwise.stepwise_terms(
-      name,
-      teacher,
-      src.student_logits,
-      src.tokens,
-      mask,
-      temperature=cfg.temperature,
-      **params,
+    values = divergences.divergence(
+      name, teacher, src.student_logits, temperature=cfg.temperature, **params
     )
+    return values * mask
   topk = src.teacher_topk
   values = divergences.topk_divergence(
     name,
@@ -405,28 +402,47 @@ def compute_loss(cfg: ObjectiveConfig, sources: Mapping[str, Source]) -> tuple[A
   return loss, metrics
 
 
-def fused_terms(cfg: ObjectiveConfig) -> list[tuple[str, str, float, dict]] | None:
+class FusedTerm(NamedTuple):
+  """One weighted per-source registry divergence of an objective (see `fused_terms`)."""
+
+  divergence: str  # registry name
+  source: str  # "teacher", "student" or "ground_truth"
+  weight: float
+  params: dict  # the divergence's parameters
+  metric: str  # metric key under the source, as `compute_loss` names it
+
+
+def fused_terms(cfg: ObjectiveConfig) -> list[FusedTerm] | None:
   """The objective as weighted per-source registry divergences, for the fused head.
 
-  Returns [(divergence, source, weight, params)], so that the loss is
-  sum weight * mean_source D(p || q): exactly `compute_loss` for these
-  objectives. None where the loss is not of that form (js's one-sided
-  mixture terms, cross-entropies, pre-distillation), which then run unfused.
+  The loss is sum weight * mean_source D(p || q), exactly `compute_loss`'s
+  loss and metrics for these objectives. JS's one-sided terms are skew KLs
+  of the same mixture m = (1 - beta) p + beta q: KL(q || m) on student samples
+  is `skew_rkl(alpha=beta)`, KL(p || m) on teacher sequences is
+  `skew_kl(alpha=1 - beta)`. None where the loss has no such form (exact JS's
+  prefix-weighted mixture, cross-entropies, ENGINE, pre-distillation), which
+  then runs unfused.
   """
   cfg = ObjectiveConfig.from_config(cfg)
   if cfg.name == "kl":
-    return [("kl", "teacher", 1.0, {})]
+    return [FusedTerm("kl", "teacher", 1.0, {}, "kl")]
   if cfg.name == "rkl":
-    return [("rkl", "student", 1.0, {})]
+    return [FusedTerm("rkl", "student", 1.0, {}, "rkl")]
   if cfg.name == "kd":
-    return [("kl", "ground_truth", 1.0, {})]
-  if cfg.name == "tvd":
-    return [("tvd", "student", 0.5, {}), ("tvd", "teacher", 0.5, {})]
-  if cfg.name == "fdiv":
-    w = cfg.student_weight
+    return [FusedTerm("kl", "ground_truth", 1.0, {}, "kl")]
+  if cfg.name == "js" and not cfg.exact_js:
+    b = cfg.beta
     return [
-      (cfg.divergence, "student", w, cfg.params),
-      (cfg.divergence, "teacher", 1 - w, cfg.params),
+      FusedTerm("skew_rkl", "student", b, {"alpha": b}, "js"),
+      FusedTerm("skew_kl", "teacher", 1 - b, {"alpha": 1 - b}, "js"),
+    ]
+  if cfg.name == "tvd":
+    return [FusedTerm("tvd", side, 0.5, {}, "tvd") for side in ("student", "teacher")]
+  if cfg.name == "fdiv":
+    w, div = cfg.student_weight, cfg.divergence
+    return [
+      FusedTerm(div, "student", w, cfg.params, div),
+      FusedTerm(div, "teacher", 1 - w, cfg.params, div),
     ]
   return None
 

@@ -190,7 +190,7 @@ def make_train_step(
   use_topk: bool = True,
   dropout: bool = False,
   teacher_sampler: Callable | None = None,
-  fused_head: bool = False,
+  fused_head: bool = True,
   fused_chunk_size: int = 512,
 ):
   """`step(state, batch, teacher_params) -> (state, metrics)`, not yet jitted.
@@ -355,27 +355,28 @@ def make_train_step(
       w, scale = models.output_head(s_model)
       where = {n: i for i, n in enumerate(names)}
       metrics, loss = {}, jnp.zeros((), jnp.float32)
-      for div, source, weight, params in fused:
-        _, _, _, mask, extras = blocks[source]
+      for term in fused:
+        _, _, _, mask, extras = blocks[term.source]
         teacher_args = (
           {"teacher_topk": extras["topk"]}
           if "topk" in extras
-          else {"teacher_hidden": teacher_out[source][0], "teacher_head": t_head}
+          else {"teacher_hidden": teacher_out[term.source][0], "teacher_head": t_head}
         )
         total, count = fused_divergence_loss(
-          div,
-          hidden[where[source]],
+          term.divergence,
+          hidden[where[term.source]],
           w,
           scale,
           mask,
           temperature=obj_cfg.temperature,
           chunk_size=fused_chunk_size,
           **teacher_args,
-          **params,
+          **term.params,
         )
-        metrics[f"{source}/{div}"] = (total, count)
-        loss = loss + weight * jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
-        metrics[f"{source}/tokens"] = (count, jnp.ones((), jnp.float32))
+        metrics[f"{term.source}/{term.metric}"] = (total, count)
+        mean = jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+        loss = loss + term.weight * mean
+        metrics[f"{term.source}/tokens"] = (count, jnp.ones((), jnp.float32))
       metrics["loss"] = (loss, jnp.ones((), jnp.float32))
       return loss, metrics
 

@@ -305,19 +305,49 @@ def test_default_layer_map_spreads_evenly():
   assert objectives.default_layer_map(4, 4) == (0, 1, 2, 3)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(CONFIGS) + ["fdiv_js"])
 def test_fused_terms_describe_the_same_loss(name):
-  cfg = objectives.ObjectiveConfig.from_config(CONFIGS[name])
+  config = dict(name="fdiv", divergence="js") if name == "fdiv_js" else CONFIGS[name]
+  cfg = objectives.ObjectiveConfig.from_config(config)
   terms = objectives.fused_terms(cfg)
   if terms is None:
-    assert name in ("js", "seqkd", "engine", "mle", "predistill")
+    assert name in ("seqkd", "engine", "mle", "predistill")
     return
   srcs = {k: _jax_source(v) for k, v in _all_sources().items()}
-  expected, _ = objectives.compute_loss(cfg, srcs)
+  expected, expected_metrics = objectives.compute_loss(cfg, srcs)
   total = 0.0
-  for div, source, weight, params in terms:
-    s = srcs[source]
-    values = divergences.divergence(div, s.teacher_logits, s.student_logits, **params)
+  for term in terms:
+    s = srcs[term.source]
+    values = divergences.divergence(
+      term.divergence, s.teacher_logits, s.student_logits, **term.params
+    )
     num, den = divergences.weighted_sum(values, s.mask)
-    total += weight * float(num) / float(den)
+    # The same metric key and value as the unfused objective reports.
+    np.testing.assert_allclose(
+      float(num), float(expected_metrics[f"{term.source}/{term.metric}"][0]), rtol=1e-5
+    )
+    total += term.weight * float(num) / float(den)
   np.testing.assert_allclose(total, float(expected), rtol=1e-5)
+
+
+def test_exact_js_has_no_fused_form():
+  cfg = objectives.ObjectiveConfig.from_config(dict(name="js", exact_js=True))
+  assert objectives.fused_terms(cfg) is None
+
+
+def test_fdiv_js_is_the_full_js_divergence_on_both_sources():
+  # fdiv with divergence "js" is the registry's two-sided JS(beta) on every
+  # source, not the js objective's one-sided terms.
+  srcs = _all_sources()
+  cfg = objectives.ObjectiveConfig.from_config(
+    dict(name="fdiv", divergence="js", divergence_params={"beta": 0.3}, student_weight=0.4)
+  )
+  loss, _ = objectives.compute_loss(cfg, {k: _jax_source(v) for k, v in srcs.items()})
+  parts = []
+  for side in ("student", "teacher"):
+    d = srcs[side]
+    js = 0.3 * _np_rows("js_s", d["s"], d["t"], beta=0.3) + 0.7 * _np_rows(
+      "js_t", d["s"], d["t"], beta=0.3
+    )
+    parts.append(_np_mean(js, d["mask"]))
+  np.testing.assert_allclose(float(loss), 0.4 * parts[0] + 0.6 * parts[1], rtol=2e-5)

@@ -80,9 +80,11 @@ def test_online_teacher_sequences_are_drawn_in_the_step(tiny):
   assert 0 < float(m1["teacher/tokens"][0]) <= h.B * h.T
 
 
-@pytest.mark.parametrize("objective", ["kl", "tvd"])
+@pytest.mark.parametrize("objective", ["kl", "js", "tvd"])
 def test_fused_head_step_equals_the_unfused_step(tiny, objective):
-  # kl reads the records' top-k; tvd runs the teacher (hidden + head) on both sides.
+  # kl reads the records' top-k; tvd runs the teacher (hidden + head) on both
+  # sides; js maps its one-sided terms to skew_kl (top-k) and skew_rkl (hidden).
+  # The metrics include the loss, each term and the gradient norm.
   student, teacher = tiny
   results = []
   for fused in (False, True):
