@@ -26,6 +26,7 @@ from absl import logging
 from flax import nnx
 
 from fdistill_jax import checkpoints, models, objectives
+from fdistill_jax.data.reader import TOPK_KEYS
 from fdistill_jax.train_step import (  # noqa: F401 - re-exported: the trainer's API
   Frozen,
   default_sampler,
@@ -136,6 +137,51 @@ def _open_data(data_fn, position):
   return it
 
 
+def _topk_fix(found: str, *, readable: bool = True) -> str:
+  """The top-k error's text: what is expected, what was `found`, how to fix it.
+
+  `readable`: whether the data could train without top-k (a records spec
+  without top-k is not readable at all, so the second fix does not apply).
+  """
+  fix = "rerun the teacher pass with teacher_pass.top_k > 0"
+  if readable:
+    fix += ", or set objective.use_teacher_topk=False (the teacher model then runs at train time)"
+  return (
+    f"objective.use_teacher_topk=True reads the teacher's distribution from the records' "
+    f"top-k (batch keys {', '.join(TOPK_KEYS)}), but {found}; {fix}"
+  )
+
+
+def _needs_topk(obj_cfg) -> bool:
+  """Whether a records-fed step reads the top-k (`make_train_step`'s condition, offline)."""
+  return obj_cfg.use_teacher_topk and "teacher" in obj_cfg.spec.teacher_dist
+
+
+def _teacher_batch_keys(obj_cfg, online: bool) -> tuple[str, ...]:
+  """The teacher-record keys the step reads from each batch (docs/internals.md)."""
+  if online or "teacher" not in obj_cfg.spec.sources:
+    return ()
+  keys = ("teacher_tokens", "teacher_mask")
+  if _needs_topk(obj_cfg):
+    keys += ("teacher_token_logprobs", *TOPK_KEYS)
+  return keys
+
+
+def _check_batch_keys(batch: dict, keys: tuple[str, ...], data):
+  """A clear ValueError, instead of a KeyError while tracing, for a batch without `keys`."""
+  missing = [k for k in keys if k not in batch]
+  if not missing:
+    return
+  where = getattr(data, "directory", None) or "the batches of data_fn"
+  found = f"the first batch from {where} has keys {sorted(batch)}"
+  if set(missing) & set(TOPK_KEYS):
+    raise ValueError(_topk_fix(found))
+  raise ValueError(
+    f"the objective reads teacher sequences (batch keys {list(keys)}), but {found}; "
+    "train on teacher-pass records (see docs/internals.md)"
+  )
+
+
 def train_loop(
   config,
   workdir: str,
@@ -190,6 +236,7 @@ def train_loop(
     )
   if sampler is None and spec.decoding is not None:
     sampler = default_sampler(spec.decoding, config.sampler, tc.max_target_len)
+  batch_keys = _teacher_batch_keys(obj_cfg, online)
   step_fn = make_train_step(
     obj_cfg,
     frozen_student,
@@ -261,6 +308,8 @@ def train_loop(
       except StopIteration:
         logging.info("data exhausted at step %d", step)
         break
+      if step == start:
+        _check_batch_keys(batch, batch_keys, data)  # before the step compiles
       state, metrics = jitted(state, put_batch(batch, mesh), teacher_params)
       step += 1
       acc = objectives.add_metrics(acc, metrics)
@@ -343,12 +392,42 @@ def _ground_truth_data(config, task, split: str):
   return data_fn
 
 
-def _records_data(config, workdir: str, vocab_size: int):
+def check_records(directory: str, obj_cfg, vocab_size: int, tokenizer_fingerprint: str | None):
+  """Raises a clear error for records the run cannot use; reads only the manifest.
+
+  Checks the pass finished, the vocabulary size, the tokenizer fingerprint
+  and, when the objective reads the teacher's top-k, that the records hold it.
+  """
+  from fdistill_jax import records
+  from fdistill_jax.data import reader
+
+  manifest = records.read_manifest(directory)
+  if _needs_topk(obj_cfg):
+    # Before `open_manifest`: a spec without top-k fails there with a less
+    # helpful message.
+    top_k = (manifest.get("spec") or {}).get("top_k", 0)
+    if not top_k:
+      where = os.path.join(directory, records.MANIFEST_NAME)
+      found = f"these records were written with top_k={top_k}"
+      raise ValueError(f"{where}: " + _topk_fix(found, readable=False))
+  reader.open_manifest(
+    directory, expected_vocab_size=vocab_size, expected_fingerprint=tokenizer_fingerprint
+  )
+
+
+def _records_data(config, workdir: str, vocab_size: int, tokenizer_fingerprint: str | None = None):
+  """position -> `RecordReader` over the teacher-pass records; checks them now.
+
+  `tokenizer_fingerprint` is the task tokenizer's: records made with another
+  tokenizer raise (None skips the check).
+  """
   from fdistill_jax import records
   from fdistill_jax.data.reader import RecordReader
 
   tc = config.train
   directory = records.records_dir(config, workdir)
+  obj_cfg = objectives.ObjectiveConfig.from_config(config.objective)
+  check_records(directory, obj_cfg, vocab_size, tokenizer_fingerprint)
 
   def data_fn(position):
     return RecordReader(
@@ -357,6 +436,7 @@ def _records_data(config, workdir: str, vocab_size: int):
       max_input_len=tc.max_input_len,
       max_target_len=tc.max_target_len,
       expected_vocab_size=vocab_size,
+      expected_fingerprint=tokenizer_fingerprint,
       seed=tc.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
@@ -452,6 +532,12 @@ def run(config, workdir: str):
   obj_cfg = objectives.ObjectiveConfig.from_config(config.objective)
   spec = obj_cfg.spec
   online = bool(config.train.online_teacher) and "teacher" in spec.sources
+  task = tasks.get_task(config.task)
+  # The records are checked here, before any model is loaded or compiled.
+  if "teacher" in spec.sources and not online:
+    data_fn = _records_data(config, workdir, student_cfg.vocab_size, task.tokenizer.fingerprint())
+  else:
+    data_fn = _ground_truth_data(config, task, "train")
   teacher = None
   if spec.needs_teacher_model(obj_cfg.use_teacher_topk and not online) or online:
     teacher_cfg = models.ModelConfig.from_config(config.teacher.model)
@@ -473,11 +559,6 @@ def run(config, workdir: str):
     student, _ = convert.student_from_teacher(source, config.student.init)
   else:
     student = models.build_model(student_cfg, rngs=config.train.seed)
-  task = tasks.get_task(config.task)
-  if "teacher" in spec.sources and not online:
-    data_fn = _records_data(config, workdir, student_cfg.vocab_size)
-  else:
-    data_fn = _ground_truth_data(config, task, "train")
   result = train_loop(
     config,
     workdir,

@@ -369,3 +369,94 @@ def test_skip_corrupt_counts_and_keeps_good_records(tmp_path, kind, lost):
     want = expected_batch_row(examples[i], SPEC, SPEC.max_input_len, SPEC.max_target_len)
     np.testing.assert_array_equal(batch["teacher_topk_ids"][0], want["teacher_topk_ids"])
   reader.close()
+
+
+# ---------------------------------------------------------------------------
+# The trainer's checks of its records, before anything trains.
+# ---------------------------------------------------------------------------
+
+
+def _no_training(*args, **kwargs):
+  raise AssertionError("the run got past the records checks")
+
+
+def _distill_on_records(tmp_path, monkeypatch, objective="kl"):
+  """A distill config reading `make_folder` records; models and the loop must not start."""
+  from fdistill_jax import train
+  from tests import _train_helpers as h
+
+  directory = tmp_path / "records"
+  make_folder(directory, num_examples=4, per_shard=2)
+  c = h.config(objective, max_input_len=SPEC.max_input_len)
+  c.teacher_pass.out_dir = str(directory)
+  monkeypatch.setattr(train, "train_loop", _no_training)
+  monkeypatch.setattr(train, "load_model", _no_training)
+  monkeypatch.setattr(train.models, "build_model", _no_training)
+  return train, c, directory
+
+
+def test_trainer_refuses_records_of_another_tokenizer(tmp_path, monkeypatch):
+  from fdistill_jax.data import tasks
+
+  train, c, directory = _distill_on_records(tmp_path, monkeypatch)
+  task_fingerprint = tasks.get_task(c.task).tokenizer.fingerprint()
+  assert task_fingerprint != FINGERPRINT
+  with pytest.raises(rec.RecordError) as e:
+    train.run(c, str(tmp_path / "work"))
+  message = str(e.value)
+  assert str(directory / rec.MANIFEST_NAME) in message
+  assert f"made with tokenizer {FINGERPRINT}" in message
+  assert f"the task's tokenizer is {task_fingerprint}" in message
+
+
+def test_trainer_reader_checks_the_fingerprint_on_every_open(tmp_path, monkeypatch):
+  """The reader the loop opens (also on resume) gets the fingerprint, not only the first check."""
+  train, c, directory = _distill_on_records(tmp_path, monkeypatch)
+  data_fn = train._records_data(c, str(tmp_path), 32, FINGERPRINT)
+  assert next(data_fn(None))["teacher_tokens"].shape[-1] == 6
+  path = directory / rec.MANIFEST_NAME
+  path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_fingerprint": "0ther"}))
+  with pytest.raises(
+    rec.RecordError, match=f"tokenizer 0ther, the task's tokenizer is {FINGERPRINT}"
+  ):
+    data_fn({"epoch": 0, "batches": 1})
+
+
+def test_trainer_refuses_records_without_topk(tmp_path, monkeypatch):
+  train, c, directory = _distill_on_records(tmp_path, monkeypatch)
+  path = directory / rec.MANIFEST_NAME
+  manifest = json.loads(path.read_text())
+  for spec in (
+    {**manifest["spec"], "top_k": 0},
+    {k: v for k, v in manifest["spec"].items() if k != "top_k"},
+  ):
+    path.write_text(json.dumps({**manifest, "spec": spec}))
+    with pytest.raises(ValueError) as e:
+      train._records_data(c, str(tmp_path), 32)
+    message = str(e.value)
+    assert not isinstance(e.value, KeyError)
+    assert message.startswith(f"{path}: objective.use_teacher_topk=True")
+    assert "teacher_topk_logprobs, teacher_topk_ids, teacher_tail_logmass" in message
+    assert "written with top_k=0" in message
+    assert "rerun the teacher pass with teacher_pass.top_k > 0" in message
+
+
+def test_trainer_refuses_batches_without_topk_before_compiling(tmp_path, monkeypatch):
+  """Batches without the top-k keys: a ValueError saying what to change, not a KeyError."""
+  from fdistill_jax import models, train
+  from tests import _train_helpers as h
+
+  def no_compile(*args, **kwargs):
+    raise AssertionError("the step was jitted before the batch was checked")
+
+  c = h.config("kl")
+  batch = {k: v for k, v in h.make_batch(0).items() if not k.startswith("teacher_topk")}
+  student = models.build_model(c.student.model, rngs=0)
+  monkeypatch.setattr(train, "jit_step", lambda *a, **k: no_compile)
+  with pytest.raises(ValueError) as e:
+    train.train_loop(c, str(tmp_path), student=student, data_fn=lambda p: iter([batch]))
+  message = str(e.value)
+  assert "objective.use_teacher_topk=True" in message
+  assert "teacher_topk_logprobs, teacher_topk_ids, teacher_tail_logmass" in message
+  assert f"has keys {sorted(batch)}" in message
+  assert "objective.use_teacher_topk=False" in message

@@ -41,6 +41,49 @@ from absl import logging
 
 from fdistill_jax import records as rec
 
+TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logmass")
+
+
+def open_manifest(
+  directory: str,
+  *,
+  expected_vocab_size: int | None = None,
+  expected_fingerprint: str | None = None,
+) -> tuple[dict, rec.RecordSpec]:
+  """Reads `directory`'s manifest and checks it against the caller's vocabulary.
+
+  Cheap (one small file): the trainer calls it before building models, so a
+  wrong record folder stops a run before anything compiles. Raises
+  `RecordError` naming the manifest for an unfinished pass, a bad spec, or a
+  vocabulary size or tokenizer fingerprint other than the expected one.
+  """
+  manifest = rec.read_manifest(directory)
+  where = os.path.join(directory, rec.MANIFEST_NAME)
+  if manifest.get("status") != "complete":
+    raise rec.RecordError(
+      f"{where}: the teacher pass has not finished (status "
+      f"{manifest.get('status')!r}); rerun it to complete"
+    )
+  try:
+    spec = rec.spec_from_manifest(manifest)
+  except (KeyError, TypeError, rec.RecordError) as e:
+    raise rec.RecordError(f"{where}: unusable spec {manifest.get('spec')!r} ({e})") from e
+  if expected_vocab_size is not None and expected_vocab_size != spec.vocab_size:
+    raise rec.RecordError(
+      f"{where}: records have vocab_size {spec.vocab_size}, the student expects "
+      f"{expected_vocab_size}"
+    )
+  found = manifest.get("tokenizer_fingerprint")
+  if expected_fingerprint is not None and expected_fingerprint != found:
+    # Same vocabulary size, other tokenizer: the token ids would mean other
+    # words, and training would run without complaint on nonsense.
+    raise rec.RecordError(
+      f"{where}: records were made with tokenizer {found}, the task's tokenizer is "
+      f"{expected_fingerprint}; rerun the teacher pass with this task, or point "
+      "teacher_pass.out_dir at records made with its tokenizer"
+    )
+  return manifest, spec
+
 
 class RecordReader:
   """An iterator of batch dicts over one teacher-record folder."""
@@ -80,25 +123,12 @@ class RecordReader:
         `batch_size` with all-zero masks and `example_index` -1.
     """
     self.directory = directory
-    self.manifest = rec.read_manifest(directory)
-    self.spec = rec.spec_from_manifest(self.manifest)
+    self.manifest, self.spec = open_manifest(
+      directory,
+      expected_vocab_size=expected_vocab_size,
+      expected_fingerprint=expected_fingerprint,
+    )
     where = os.path.join(directory, rec.MANIFEST_NAME)
-    if self.manifest.get("status") != "complete":
-      raise rec.RecordError(
-        f"{where}: the teacher pass has not finished (status "
-        f"{self.manifest.get('status')!r}); rerun it to complete"
-      )
-    if expected_vocab_size is not None and expected_vocab_size != self.spec.vocab_size:
-      raise rec.RecordError(
-        f"{where}: records have vocab_size {self.spec.vocab_size}, the student expects "
-        f"{expected_vocab_size}"
-      )
-    found = self.manifest.get("tokenizer_fingerprint")
-    if expected_fingerprint is not None and expected_fingerprint != found:
-      raise rec.RecordError(
-        f"{where}: records were made with tokenizer {found}, the student's is "
-        f"{expected_fingerprint}"
-      )
     self.max_input_len = max_input_len or self.spec.max_input_len
     self.max_target_len = max_target_len or self.spec.max_target_len
     if self.max_input_len < self.spec.max_input_len:
