@@ -14,6 +14,12 @@ scripts' online teacher samples) and runs the teacher forward on them for
 their distribution (`use_topk=False`), all jitted. Same batch, same models,
 the two timed alternately.
 
+`fused_step_speedup/<kl|js|tvd>`: the step with the trainer's default fused
+head (no `[rows, T, V]` logits) against the same step with
+`fused_head=False`, timed alternately; `step_temp_bytes/<objective>/<fused|
+unfused>` is XLA's compiled temporary memory of each step (reference
+figures: the loss-kernel benchmark holds the head's targets).
+
   python -m bench.train [--preset cpu|full] [--repeats N]
 """
 
@@ -51,6 +57,7 @@ PRESETS = {
   ),
 }
 ONLINE = ("js", "tvd")
+FUSED_VS_UNFUSED = ("js", "kl", "tvd")
 
 
 def _build(preset, seed):
@@ -58,7 +65,7 @@ def _build(preset, seed):
   return models.build_model(models.get_preset(name, **overrides), rngs=seed)
 
 
-def make_step(name, student, teacher, tx, mesh, shardings, tgt_len, use_topk=True):
+def make_step(name, student, teacher, tx, mesh, shardings, tgt_len, use_topk=True, fused_head=True):
   obj = objectives.ObjectiveConfig(name=name)
   spec = obj.spec
   sampler = None
@@ -74,6 +81,7 @@ def make_step(name, student, teacher, tx, mesh, shardings, tgt_len, use_topk=Tru
     sampler=sampler,
     max_target_len=tgt_len,
     use_topk=use_topk,
+    fused_head=fused_head,
   )
   return train.jit_step(step_fn, shardings, mesh), needs_teacher
 
@@ -127,6 +135,17 @@ def run(args) -> dict:
         name, student, teacher, tx, mesh, shardings, cfg["tgt_len"], use_topk=False
       )
       sides["online"] = stepper(online_step, tparams, online_teacher_batch(teacher, cfg["tgt_len"]))
+    if name in FUSED_VS_UNFUSED:
+      unfused_step, _ = make_step(
+        name, student, teacher, tx, mesh, shardings, cfg["tgt_len"], fused_head=False
+      )
+      tp = tparams if needs_teacher else None
+      sides["unfused"] = stepper(unfused_step, tp)
+      for side, fn in (("fused", step), ("unfused", unfused_step)):
+        stats = fn.lower(holder["state"], batch, tp).compile().memory_analysis()
+        figures[f"step_temp_bytes/{name}/{side}"] = common.figure(
+          float(stats.temp_size_in_bytes), "bytes"
+        )
     times = common.time_rotating(sides, warmup=args.warmup, repeats=repeats)
     figures[f"tokens_per_s/{name}"] = common.figure(tokens / times["offline"], "tokens/s")
     line = f"{name:10s} {times['offline']:.3f} s/step"
@@ -139,6 +158,12 @@ def run(args) -> dict:
       line += f"  online {times['online']:.3f} s/step, speedup {speedup:.2f}"
       if speedup < 2.25:
         misses.append(name)
+    if "unfused" in times:
+      figures[f"fused_step_speedup/{name}"] = common.figure(
+        times["unfused"] / times["offline"], "x"
+      )
+      figures[f"tokens_per_s/{name}/unfused"] = common.figure(tokens / times["unfused"], "tokens/s")
+      line += f"  unfused {times['unfused']:.3f} s/step"
     print(line, flush=True)
   s_cfg, t_cfg = student.config, teacher.config
   notes.append(
@@ -147,8 +172,19 @@ def run(args) -> dict:
     f"{t_cfg.num_layers} layers, vocab {s_cfg.vocab_size}; batch {cfg['batch']}, source "
     f"{cfg['src_len']}, target {cfg['tgt_len']}, top-k {cfg['top_k']}; one device. Median of "
     f"{repeats} alternated steps after {args.warmup} warm-up. Online teacher sequences: "
-    "beam-sample, 4 beams, top-k 30, as the original scripts' online samples."
+    "beam-sample, 4 beams, top-k 30, as the original scripts' online samples. "
+    "Steps use the trainer's default fused head where the objective has a fused form "
+    "(kl, rkl, js, tvd, fdiv, kd); `.../unfused` is the same step with fused_head=False."
   )
+  chunk = 512  # make_train_step's default fused_chunk_size, as the trainer runs it
+  if tokens <= chunk:
+    notes.append(
+      f"At this preset a batch is {tokens} tokens, within one fused-head chunk ({chunk} "
+      "tokens), so the fused step holds the same one chunk of logits as the unfused step and "
+      "`step_temp_bytes` are about equal; the head's memory saving needs batches of several "
+      "chunks (the loss_kernel benchmark: 8x1024 tokens). The time difference is the fused "
+      "head's custom VJP (gradient computed in the forward pass, no logits kept)."
+    )
   if misses:
     notes.append(
       "`offline_online_speedup` below 2.25 for: " + ", ".join(misses) + ". The saving is the "
