@@ -372,9 +372,11 @@ def teacher_pass(
       bar.close()
     writer.close()
   _barrier("teacher_pass_done")
-  if process_index == 0:
-    return rec.finalize_manifest(out_dir)
-  return None
+  manifest = rec.finalize_manifest(out_dir) if process_index == 0 else None
+  # Every process returns once the manifest says "complete": a run that goes
+  # on to read the records (the pipeline, a test) must not find it unfinished.
+  _barrier("teacher_pass_manifest")
+  return manifest
 
 
 def _shards_flat(task, pc: PassConfig):
@@ -432,11 +434,19 @@ def load_teacher(teacher_config):
     raise FileNotFoundError(f"config.teacher.checkpoint: {path} is not a folder")
   import orbax.checkpoint as ocp
 
-  manager = ocp.CheckpointManager(os.path.abspath(path), item_names=("state", "meta"))
+  manager = ocp.CheckpointManager(
+    os.path.abspath(path),
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+  )
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"config.teacher.checkpoint: no checkpoint in {path}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # Restored into host arrays on every process: orbax refuses the saved
+  # shardings on another topology (a teacher trained on one host, used by a
+  # run of several), and the caller places the params on its own mesh anyway.
+  saved = manager.item_metadata(step).state
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   tree = restored.state
   if "params" not in tree:
     raise ValueError(f"{path} step {step}: state has {sorted(tree)}, expected a 'params' entry")

@@ -100,25 +100,191 @@ def _worker(out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
-def _teacher_pass_worker(out_dir: str) -> None:
-  """The teacher pass of tests/test_teacher_pass.py, on this process's devices."""
+# The two-process pipeline: a teacher pass, then a few js distillation steps.
+# Its files live next to the run folder: the task's TSV and the teacher's
+# checkpoint, both written by the test (`_write_inputs`).
+DISTILL_STEPS = 3
+_SOURCES = [
+  "red fox runs far", "blue cat sits", "old dog eats bread", "tall tree grows",
+  "the sun is warm", "cold rain falls down", "small bird sings", "green hill rises high",
+  "fast car drives", "quiet lake sleeps",
+]  # fmt: skip
+
+
+def pipeline_config(run_dir: str):
+  """configs/distill.py:js sized for the test, with its teacher-pass section.
+
+  A TSV task with a word tokenizer; the teacher a t5-tiny, the student a
+  one-layer, 16-wide T5; the mesh data=4 x model=2 over all 8 devices, so
+  the batch is split between the processes and heads, MLP and vocabulary
+  between device pairs. One config for both modes, as `--mode=teacher_pass`
+  then `--mode=distill` would use it.
+  """
+  from configs import distill
+  from configs import tasks as task_configs
+  from fdistill_jax.models import presets
+
+  base = os.path.dirname(run_dir)
+  config = distill.get_config("js")  # teacher top-k and online student samples
+  config.task = task_configs.task_config(
+    "tsv", files={"train": os.path.join(base, "train.tsv")}, tokenizer={"kind": "word"}
+  )
+  config.teacher.model = presets.get_preset("t5-tiny")
+  config.teacher.checkpoint = os.path.join(base, "teacher")
+  config.student.model = presets.get_preset(
+    "t5-tiny", num_layers=1, d_model=16, d_ff=32, num_heads=2
+  )
+  config.teacher_pass.update(
+    num_samples=2,
+    sampler="sample",
+    top_k=5,
+    records_per_shard=4,  # 3 shards: process 0 writes and reads 0 and 2, process 1 shard 1
+    batch_size=8,  # over all 8 devices of the one-process run (partly empty: a warning)
+    seed=3,
+    max_input_len=10,
+    max_target_len=6,
+    out_dir=os.path.join(run_dir, "records"),
+  )
+  config.teacher_pass.sampler_params = {}  # `update` would merge into the beam defaults
+  config.train.update(
+    batch_size=8,
+    num_train_steps=DISTILL_STEPS,
+    warmup_steps=0,
+    learning_rate=1e-2,
+    max_input_len=10,
+    max_target_len=6,
+    num_teacher_samples=2,
+    log_every_steps=1,
+    eval_every_steps=0,
+    checkpoint_every_steps=1000,  # the last step's save only (always made)
+    tensorboard=False,
+    progress_bar=False,
+  )
+  config.mesh.update(data=4, fsdp=1, model=2)
+  return config
+
+
+def _pipeline_worker(run_dir: str) -> None:
+  """`--mode=teacher_pass` then `--mode=distill` of `pipeline_config`, as main runs them.
+
+  Each process writes its record shards on its own devices, then reads them
+  back for training; the global batch is assembled from the processes' rows
+  and the checkpoints are written collectively.
+  """
   import jax
 
   from fdistill_jax import distributed
 
-  distributed.initialize()
-  from tests.test_teacher_pass import run_pass
+  config = pipeline_config(run_dir)
+  distributed.initialize(config)
+  distributed.install_log_filter()
+  from fdistill_jax import teacher_pass, train
 
-  manifest = run_pass(os.path.join(out_dir, "records"))
-  assert (manifest is not None) == distributed.is_main_process()
+  teacher_pass.run(config, run_dir)
+  result = train.run(config, run_dir)
+  assert result["step"] == DISTILL_STEPS
+  with open(os.path.join(run_dir, f"distill_metrics_{jax.process_index()}.json"), "w") as f:
+    json.dump(result["metrics"], f)
   if jax.process_count() > 1:
     jax.distributed.shutdown()
 
 
+def _pipeline_reference_worker(run_dir: str) -> None:
+  """The pipeline in one process, its training fed what the two processes read.
+
+  Also saves the student's initial parameters (`init.npz`), to show that
+  training moved them.
+  """
+  from fdistill_jax import models, train
+
+  def both_streams(config, workdir, vocab_size, fingerprint=None):
+    from fdistill_jax import records
+
+    directory = records.records_dir(config, workdir)
+    return lambda position: _BothProcessStreams(config, directory, vocab_size, fingerprint)
+
+  train._records_data = both_streams
+  _pipeline_worker(run_dir)
+  config = pipeline_config(run_dir)
+  init = train.Frozen(models.build_model(config.student.model, rngs=config.train.seed)).params
+  np.savez(os.path.join(run_dir, "init.npz"), **_flat(init))
+
+
+class _BothProcessStreams:
+  """The rows two processes read, in one process: process 0's rows, then process 1's.
+
+  That is the global batch `make_global_batch` assembles in the two-process
+  run (process 0 holds the first half of the `data` axis), so a one-process
+  run fed by this sees exactly the two-process run's batches.
+  """
+
+  def __init__(self, config, directory: str, vocab_size: int, fingerprint: str | None):
+    from fdistill_jax.data.reader import RecordReader
+
+    tc = config.train
+    self.readers = [
+      RecordReader(
+        directory,
+        batch_size=tc.batch_size // 2,
+        max_input_len=tc.max_input_len,
+        max_target_len=tc.max_target_len,
+        expected_vocab_size=vocab_size,
+        expected_fingerprint=fingerprint,
+        seed=tc.seed,
+        process_index=p,
+        process_count=2,
+      )
+      for p in range(2)
+    ]
+
+  @property
+  def position(self):
+    return {"processes": [r.position for r in self.readers]}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    parts = [next(r) for r in self.readers]
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
+def _flat(tree) -> dict:
+  """{"a/b/0": numpy array}; orbax restores integer keys (layer numbers) as strings."""
+  import jax
+
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)  # noqa: E731
+  return {name(path): np.asarray(x) for path, x in leaves}
+
+
+def _checkpoint_params(directory) -> tuple[int, dict]:
+  """(latest step, flat parameters) of a trainer checkpoint folder, as numpy arrays.
+
+  Read into host arrays: orbax cannot place a two-process run's saved
+  shardings on this process's devices.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+
+  manager = ocp.CheckpointManager(
+    os.path.abspath(directory), item_handlers={"state": ocp.StandardCheckpointHandler()}
+  )
+  step = manager.latest_step()
+  saved = manager.item_metadata(step).state
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  manager.close()
+  return step, _flat(restored.state["params"])
+
+
 # Workers a test can start in several processes: `python tests/test_distributed.py
-# --worker NAME OUT_DIR` (NAME defaults to "collectives"). Later multi-process
-# tests (a few distill steps) add theirs here.
-WORKERS = {"collectives": _worker, "teacher_pass": _teacher_pass_worker}
+# --worker NAME OUT_DIR` (NAME defaults to "collectives").
+WORKERS = {
+  "collectives": _worker,
+  "pipeline": _pipeline_worker,
+  "pipeline_reference": _pipeline_reference_worker,
+}
 
 if __name__ == "__main__" and len(sys.argv) in (3, 4) and sys.argv[1] == "--worker":
   sys.path.insert(0, REPO)
@@ -159,12 +325,12 @@ def _clean_env(devices: int) -> dict[str, str]:
   return env
 
 
-def spawn_workers(out_dir, num_processes: int, devices: int, worker="collectives", timeout=240):
-  """Runs WORKERS[worker] in `num_processes` processes with `devices` CPU devices each.
+def start_workers(out_dir, num_processes: int, devices: int, worker="collectives"):
+  """Starts WORKERS[worker] in `num_processes` processes with `devices` CPU devices each.
 
   With more than one process they form one jax.distributed system over
-  localhost (FDISTILL_* variables, gloo collectives). Fails the test with
-  the worker's output if any process fails or the run exceeds `timeout`.
+  localhost (FDISTILL_* variables, gloo collectives). Returns the processes
+  for `wait_workers`.
   """
   os.makedirs(out_dir, exist_ok=True)
   port = _free_port()
@@ -186,6 +352,11 @@ def spawn_workers(out_dir, num_processes: int, devices: int, worker="collectives
         text=True,
       )
     )
+  return procs
+
+
+def wait_workers(procs, timeout=240):
+  """The workers' outputs; fails the test if any fails or the wait exceeds `timeout`."""
   deadline = time.monotonic() + timeout
   logs = []
   for proc in procs:
@@ -199,6 +370,11 @@ def spawn_workers(out_dir, num_processes: int, devices: int, worker="collectives
   for proc, log in zip(procs, logs, strict=True):
     assert proc.returncode == 0, f"worker failed (rc {proc.returncode}):\n{log[-4000:]}"
   return logs
+
+
+def spawn_workers(out_dir, num_processes: int, devices: int, worker="collectives", timeout=240):
+  """`start_workers` and `wait_workers`: runs WORKERS[worker] to completion."""
+  return wait_workers(start_workers(out_dir, num_processes, devices, worker), timeout)
 
 
 def _run_workers(out_dir, num_processes: int, devices: int):
@@ -226,21 +402,74 @@ def test_two_processes_match_one_process_and_numpy(tmp_path):
       np.testing.assert_allclose(out[key], single[key], rtol=1e-6, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.slow
-def test_two_process_teacher_pass_writes_the_same_records(tmp_path):
-  from tests.test_teacher_pass import run_pass, shard_bytes
+def _write_inputs(base):
+  """The pipeline's task file and its teacher: a trainer checkpoint, params over 8 devices."""
+  from fdistill_jax import checkpoints, models, train
 
+  (base / "train.tsv").write_text("".join(f"{s}\t{s.split()[-1]} {s}\n" for s in _SOURCES))
+  teacher = train.Frozen(models.build_model(models.get_preset("t5-tiny"), rngs=0))
+  mesh = train.make_mesh({"data": 4, "model": 2})
+  ckpt = checkpoints.Checkpointer(str(base / "teacher"), async_save=False)
+  ckpt.save(1, {"params": jax.device_put(teacher.params, teacher.shardings(mesh))})
+  ckpt.close()
+
+
+@pytest.mark.slow
+def test_two_process_pipeline_matches_one_process(tmp_path):
+  """Two processes x 4 devices, teacher pass then distillation: one 8-device process's results."""
+  from tests.test_teacher_pass import shard_bytes
+
+  _write_inputs(tmp_path)
   multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
-  spawn_workers(multi_dir, 2, 4, worker="teacher_pass", timeout=600)
-  # The one-process reference runs here, on this process's 8 devices.
-  single_manifest = run_pass(single_dir / "records")
+  # The one-process reference runs beside the two processes (8 devices).
+  procs = start_workers(multi_dir, 2, 4, worker="pipeline")
+  procs += start_workers(single_dir, 1, 8, worker="pipeline_reference")
+  wait_workers(procs, timeout=900)
+
   multi, single = shard_bytes(multi_dir / "records"), shard_bytes(single_dir / "records")
   # Process 0 wrote shards 0 and 2, process 1 shard 1: byte-identical to one process.
   assert len(single) == 3
   assert multi == single
-  manifest = json.loads((multi_dir / "records" / "manifest.json").read_text())
-  assert manifest["status"] == "complete"
-  assert manifest["shards"] == single_manifest["shards"]
+  manifests = [
+    json.loads((d / "records" / "manifest.json").read_text()) for d in (multi_dir, single_dir)
+  ]
+  assert manifests[0]["status"] == "complete"
+  assert manifests[0]["shards"] == manifests[1]["shards"]
+
+  # Both processes read the same replicated metrics, and so did the one process.
+  per_process = [
+    json.loads((multi_dir / f"distill_metrics_{i}.json").read_text()) for i in range(2)
+  ]
+  for m in per_process:
+    m.pop("steps_per_second")  # wall-clock
+  assert per_process[0] == per_process[1]
+  rows = {d: [r for r in train_metrics(d) if "train/loss" in r] for d in (multi_dir, single_dir)}
+  assert [r["step"] for r in rows[multi_dir]] == list(range(1, DISTILL_STEPS + 1))
+  for key in ("train/loss", "train/student/tokens", "train/teacher/tokens"):
+    values = [r[key] for r in rows[multi_dir]]
+    assert np.all(np.isfinite(values)), key
+    np.testing.assert_allclose(
+      values, [r[key] for r in rows[single_dir]], rtol=1e-5, atol=1e-6, err_msg=key
+    )
+
+  # The collectively written checkpoint holds the one-process run's parameters.
+  # The all-reduces add in another order over gloo than in one process (~1e-7
+  # relative); Adam's m / sqrt(v) keeps that relative size in each update.
+  step_m, params_m = _checkpoint_params(multi_dir / "checkpoints")
+  step_s, params_s = _checkpoint_params(single_dir / "checkpoints")
+  assert step_m == step_s == DISTILL_STEPS
+  assert params_m.keys() == params_s.keys()
+  for key in params_s:
+    np.testing.assert_allclose(params_m[key], params_s[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  # ... and training moved them (lr 1e-2 Adam steps: about 1e-2 per weight per step).
+  init = dict(np.load(single_dir / "init.npz"))
+  assert init.keys() == params_s.keys()
+  assert max(np.abs(params_s[k] - init[k]).max() for k in init) > 1e-3
+
+
+def train_metrics(run_dir) -> list[dict]:
+  with open(run_dir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 # --- SLURM node lists -------------------------------------------------------
