@@ -19,8 +19,14 @@ Peak memory of the JAX sides is XLA's compiled buffer assignment at the
 issue's full size (compiled, not run, so it is exact on any machine). Times
 are medians at the preset's size (`cpu`: 8 x 128 tokens, because the full
 problem needs ~7-11 GiB per unfused step on a shared 24 GiB machine).
+`--time-full kl js` also times the named divergences at the full 8 x 1024
+(fused vs unfused JAX, one divergence at a time so only one unfused step's
+buffers are alive), as extra figures `time_s/full/<side>/<name>` and
+`fused_time_ratio_full/<name>`; with `--preset full` every divergence is
+already timed at that size and the flag adds nothing.
 
   python -m bench.loss_kernel [--preset cpu|full] [--repeats N] [--chunk 512]
+                              [--time-full NAME ...] [--full-repeats N]
 """
 
 from __future__ import annotations
@@ -135,6 +141,43 @@ class TorchWorker:
     return out
 
 
+def time_full(names, chunk: int, repeats: int) -> tuple[dict, list[str]]:
+  """Fused vs unfused times at the full size for `names`: (figures, misses).
+
+  Both steps are compiled ahead (`lower().compile()`), so no warm-up call is
+  spent on compilation; a full-size step runs for minutes on a small CPU, so
+  the first call's allocation effects are noise next to it."""
+  data = make_inputs(FULL_LENGTH, seed=1)
+  inputs = tuple(
+    jnp.asarray(data[k])
+    for k in ("hidden", "head_w", "teacher_hidden", "teacher_head_w", "weights")
+  )
+  figures, misses = {}, []
+  for name in names:
+    unfused = unfused_step(name).lower(*inputs).compile()
+    fused = fused_step(name, chunk).lower(*inputs).compile()
+    times = common.time_rotating(
+      {"unfused": lambda f=unfused: f(*inputs), "fused": lambda f=fused: f(*inputs)},
+      warmup=0,
+      repeats=repeats,
+    )
+    ratio = times["fused"] / times["unfused"]
+    figures[f"fused_time_ratio_full/{name}"] = common.figure(
+      ratio, "x", target=1.0, better="lower", note=f"{BATCH}x{FULL_LENGTH} tokens"
+    )
+    figures[f"time_s/full/unfused/{name}"] = common.figure(times["unfused"], "s")
+    figures[f"time_s/full/fused/{name}"] = common.figure(times["fused"], "s")
+    if ratio > 1.0:
+      misses.append(name)
+    print(
+      f"{name:10s} full size: unfused {times['unfused']:.2f}s fused {times['fused']:.2f}s "
+      f"ratio {ratio:.3f}",
+      flush=True,
+    )
+    del unfused, fused
+  return figures, misses
+
+
 def run(args) -> dict:
   repeats = args.repeats or (3 if args.preset == "cpu" else 10)
   length = LENGTHS[args.preset]
@@ -207,6 +250,12 @@ def run(args) -> dict:
           f" torch {times['torch']:.3f}s ({info['threads']} threads, loss rel diff {torch_rel:.1e})"
         )
       print(line + f"  mem ratio {mem_ratio:.3f}", flush=True)
+  full_names = [n for n in args.time_full or () if args.preset != "full"]
+  if full_names:
+    full_repeats = args.full_repeats or repeats
+    full_figures, full_misses = time_full(full_names, chunk, full_repeats)
+    figures.update(full_figures)
+    misses += [f"{n} (full size)" for n in full_misses]
   notes.append(
     f"Peak memory ratios at the full size ({BATCH}x{FULL_LENGTH} tokens, d={D_MODEL}, "
     f"V={VOCAB}, float32), from XLA's compiled buffer assignment (arguments + outputs + "
@@ -216,8 +265,18 @@ def run(args) -> dict:
   )
   if args.preset != "full":
     notes.append(
-      "Times are at 8x128 tokens, not the issue's 8x1024: the unfused step needs 7-11 GiB at "
-      "full size on a shared 24 GiB, 2-core machine (`--preset full` runs the full size)."
+      "`time_s/<side>/<name>`, `fused_time_ratio/<name>` and `torch_*` are at 8x128 tokens, "
+      "not the issue's 8x1024: the unfused step needs 7-11 GiB at full size on a shared "
+      "24 GiB, 2-core machine (`--preset full` runs the full size)."
+    )
+  if full_names:
+    notes.append(
+      f"`time_s/full/*` and `fused_time_ratio_full/*`: {', '.join(full_names)} timed at the "
+      f"issue's full size ({BATCH}x{FULL_LENGTH} tokens), fused vs unfused JAX only, median of "
+      f"{full_repeats} rotated runs of steps compiled ahead (no warm-up call). PyTorch is not "
+      "timed at this size: its step grows ~8x from the 8x128 resident-set figures above "
+      "(~13 GiB), which does not fit next to the unfused JAX step (7-12 GiB) on this shared "
+      "24 GiB machine."
     )
   if python is None:
     notes.append("PyTorch figures not measured: no .venv-dev or .venv-bench with torch found.")
@@ -242,6 +301,17 @@ def run(args) -> dict:
 def _add_arguments(parser):
   parser.add_argument("--chunk", type=int, default=512, help="fused head: tokens per chunk")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+  parser.add_argument(
+    "--time-full",
+    nargs="+",
+    metavar="NAME",
+    choices=sorted(divergences.REGISTRY),
+    help=f"also time these divergences at the full {BATCH}x{FULL_LENGTH} tokens (fused vs "
+    "unfused; for presets that time a smaller size)",
+  )
+  parser.add_argument(
+    "--full-repeats", type=int, default=None, help="timed repeats at the full size (--repeats)"
+  )
 
 
 if __name__ == "__main__":
