@@ -298,6 +298,20 @@ def tvd(teacher_logits, student_logits, *, temperature=1.0):
   return divergence("tvd", teacher_logits, student_logits, temperature=temperature)
 
 
+def logsumexp_outside(log_probs: Array, ids: Array, fill: float = NEG_INF) -> Array:
+  """log sum_{v not in ids} exp(log_probs[..., v]) `[...]`: the mass outside a top-k.
+
+  A log-sum-exp over the other entries, not log(1 - sum top-k), which loses
+  every digit once the top-k holds almost all the mass. `ids [..., K]` are
+  distinct within a row; the excluded entries count as `fill` (NEG_INF keeps
+  gradients finite; -inf gives an exact -inf tail when K == V).
+  """
+  excluded = jnp.put_along_axis(
+    jnp.zeros(log_probs.shape, dtype=bool), ids, True, axis=-1, inplace=False
+  )
+  return jax.nn.logsumexp(jnp.where(excluded, fill, log_probs), axis=-1)
+
+
 def topk_log_probs(
   teacher_topk_logprobs: Array,
   teacher_topk_ids: Array,
@@ -333,9 +347,7 @@ def topk_log_probs(
   lq = log_probs(student_logits, temperature)
   ids = jnp.asarray(teacher_topk_ids).astype(jnp.int32)
   lq_k = jnp.take_along_axis(lq, ids, axis=-1)
-  in_topk = jnp.put_along_axis(jnp.zeros(lq.shape, dtype=bool), ids, True, axis=-1, inplace=False)
-  lq_tail = jax.nn.logsumexp(jnp.where(in_topk, NEG_INF, lq), axis=-1)
-  lq_tail = jnp.maximum(lq_tail, NEG_INF)
+  lq_tail = jnp.maximum(logsumexp_outside(lq, ids), NEG_INF)
   teacher = jnp.concatenate([lp_k, lp_tail[..., None]], axis=-1)
   teacher = jnp.maximum(teacher - jax.nn.logsumexp(teacher, axis=-1, keepdims=True), NEG_INF)
   student = jnp.concatenate([lq_k, lq_tail[..., None]], axis=-1)

@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import models, sharding
+from fdistill_jax import divergences, models, sharding
 from fdistill_jax import records as rec
 
 # (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
@@ -82,13 +82,11 @@ class PassConfig:
 def topk_and_tail(logp: jax.Array, k: int):
   """logp [..., V] normalised log-probs -> top-k values, ids [..., K] and tail [...].
 
-  The tail is a log-sum-exp over the entries outside the top-k (not
-  log(1 - sum top-k), which loses every digit once the top-k holds almost all
-  the mass); it is -inf when k == V.
+  The tail is `divergences.logsumexp_outside` the top-k; -inf when k == V.
   """
   values, ids = jax.lax.top_k(logp, k)
-  rest = jnp.put_along_axis(logp, ids, -jnp.inf, axis=-1, inplace=False)
-  return values, ids.astype(jnp.int32), jax.nn.logsumexp(rest, axis=-1)
+  tail = divergences.logsumexp_outside(logp, ids, fill=-jnp.inf)
+  return values, ids.astype(jnp.int32), tail
 
 
 def _teacher_outputs(model, pc: PassConfig, sampler: Sampler, inputs, input_mask, indices, key):
