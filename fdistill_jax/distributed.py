@@ -452,3 +452,24 @@ def process_slice(
     raise ValueError(f"global batch {global_size} does not split over {pc} processes")
   per = global_size // pc
   return slice(pi * per, (pi + 1) * per)
+
+
+def process_values(value: Any) -> list:
+  """`value` (anything JSON can hold) of every process, in process order.
+
+  A collective: every process must call it. The trainer keeps each
+  process's reader position in the checkpoint this way, since a JSON item
+  is written by process 0 alone. One process: `[value]`.
+  """
+  if jax.process_count() == 1:
+    return [value]
+  import json
+
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int32)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes, strict=True)]

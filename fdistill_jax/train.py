@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import checkpoints, models, objectives
+from fdistill_jax import checkpoints, distributed, models, objectives
 from fdistill_jax.data.reader import TOPK_KEYS
 from fdistill_jax.train_step import (  # noqa: F401 - re-exported: the trainer's API
   Frozen,
@@ -269,6 +269,16 @@ def train_loop(
   if restored is not None:
     state, meta = restored
     position = meta.get("data")
+    by_process = meta.get("data_by_process")
+    if by_process and len(by_process) == jax.process_count():
+      position = by_process[jax.process_index()]
+    elif jax.process_count() > 1:
+      logging.warning(
+        "checkpoint holds the data positions of %d process(es), this run has %d: "
+        "every process resumes at process 0's",
+        len(by_process or [None]),
+        jax.process_count(),
+      )
     logging.info("resuming at step %d, data position %s", int(_host(state["step"])), position)
   start = int(_host(state["step"]))
   data = _open_data(data_fn, position)
@@ -286,7 +296,12 @@ def train_loop(
   t0 = time.time()
 
   def meta():
-    return {"data": data.position, "objective": obj_cfg.name}
+    m = {"data": data.position, "objective": obj_cfg.name}
+    if jax.process_count() > 1:
+      # Every process reads its own stream, and process 0 alone writes this
+      # JSON item: it keeps every process's position (a collective).
+      m["data_by_process"] = distributed.process_values(data.position)
+    return m
 
   def evaluate(step):
     nonlocal last_eval
@@ -321,7 +336,8 @@ def train_loop(
         if progress is not None:
           progress.set_postfix(loss=f"{last_means['loss']:.4f}")
         acc, t0 = None, time.time()
-      ckpt.maybe_save(step, state, meta())
+      if ckpt.save_interval_steps and step % ckpt.save_interval_steps == 0:
+        ckpt.save(step, state, meta())  # `maybe_save`, gathering positions only when saving
       if eval_fn is not None and tc.eval_every_steps and step % tc.eval_every_steps == 0:
         evaluate(step)
       if progress is not None:

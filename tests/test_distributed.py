@@ -9,6 +9,7 @@ float64 numpy reference compute.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -95,6 +96,10 @@ def _worker(out_dir: str) -> None:
     colsum=np.asarray(colsum),
     grad=np.asarray(grad),
     shards=np.array(list(distributed.local_shard_range(5))),
+    # Values of different JSON lengths per process.
+    values=json.dumps(
+      distributed.process_values({"p": jax.process_index(), "s": "ab"[: jax.process_index() + 1]})
+    ),
   )
   if jax.process_count() > 1:
     jax.distributed.shutdown()
@@ -103,7 +108,8 @@ def _worker(out_dir: str) -> None:
 # The two-process pipeline: a teacher pass, then a few js distillation steps.
 # Its files live next to the run folder: the task's TSV and the teacher's
 # checkpoint, both written by the test (`_write_inputs`).
-DISTILL_STEPS = 3
+DISTILL_STEPS = 4
+PREEMPT_AT = 3  # the two-process run stops here and resumes
 _SOURCES = [
   "red fox runs far", "blue cat sits", "old dog eats bread", "tall tree grows",
   "the sun is warm", "cold rain falls down", "small bird sings", "green hill rises high",
@@ -147,7 +153,7 @@ def pipeline_config(run_dir: str):
   )
   config.teacher_pass.sampler_params = {}  # `update` would merge into the beam defaults
   config.train.update(
-    batch_size=8,
+    batch_size=4,  # 2 rows a process: 3 batches an epoch on process 0, 2 on process 1
     num_train_steps=DISTILL_STEPS,
     warmup_steps=0,
     learning_rate=1e-2,
@@ -178,11 +184,21 @@ def _pipeline_worker(run_dir: str) -> None:
   config = pipeline_config(run_dir)
   distributed.initialize(config)
   distributed.install_log_filter()
-  from fdistill_jax import teacher_pass, train
+  from fdistill_jax import checkpoints, teacher_pass, train
 
   teacher_pass.run(config, run_dir)
+  if jax.process_count() > 1:
+    # Process 1 alone is told to stop (SIGTERM's flag) after step
+    # `PREEMPT_AT`: every process saves and returns, and the rerun resumes
+    # each process's own record stream.
+    guard = checkpoints.PreemptionGuard()
+    stop = lambda step, state: step == PREEMPT_AT and jax.process_index() == 1 and guard.request()  # noqa: E731
+    loop = train.train_loop
+    train.train_loop = functools.partial(loop, guard=guard, step_callback=stop)
+    assert train.run(config, run_dir)["preempted"]
+    train.train_loop = loop
   result = train.run(config, run_dir)
-  assert result["step"] == DISTILL_STEPS
+  assert result["step"] == DISTILL_STEPS and not result["preempted"]
   with open(os.path.join(run_dir, f"distill_metrics_{jax.process_index()}.json"), "w") as f:
     json.dump(result["metrics"], f)
   if jax.process_count() > 1:
@@ -396,6 +412,8 @@ def test_two_processes_match_one_process_and_numpy(tmp_path):
     assert (int(out["local_device_count"]), int(out["device_count"])) == (4, 8)
     np.testing.assert_array_equal(out["global_shape"], [GLOBAL_ROWS, FEATURES])
     np.testing.assert_array_equal(out["shards"], [0, 2, 4] if i == 0 else [1, 3])
+    assert json.loads(str(out["values"])) == [{"p": 0, "s": "a"}, {"p": 1, "s": "ab"}]
+  assert json.loads(str(single["values"])) == [{"p": 0, "s": "a"}]
   for key in ("psum", "total", "colsum", "grad"):
     np.testing.assert_allclose(single[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
     for out in multi:
@@ -435,6 +453,13 @@ def test_two_process_pipeline_matches_one_process(tmp_path):
   ]
   assert manifests[0]["status"] == "complete"
   assert manifests[0]["shards"] == manifests[1]["shards"]
+
+  # The run stopped at PREEMPT_AT with its processes at different places in
+  # their streams (3 and 2 batches an epoch); each resumed at its own.
+  from fdistill_jax import checkpoints
+
+  meta = checkpoints.Checkpointer(str(multi_dir / "checkpoints")).read_meta(PREEMPT_AT)
+  assert meta["data_by_process"] == [{"epoch": 0, "batches": 3}, {"epoch": 1, "batches": 1}]
 
   # Both processes read the same replicated metrics, and so did the one process.
   per_process = [
