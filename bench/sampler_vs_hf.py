@@ -26,13 +26,13 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.decoding import cached_greedy  # noqa: E402
 from bench.loss_kernel import REPO, torch_python  # noqa: E402
-from fdistill_jax import decoding, models  # noqa: E402
+from fdistill_jax import models  # noqa: E402
 from fdistill_jax.convert import export_hf  # noqa: E402
 
 PRESETS = {
@@ -80,31 +80,10 @@ class HFWorker:
 
 
 def jax_greedy(model, new_tokens: int):
-  """jit(params, inputs, input_mask) -> tokens [B, new_tokens], EOS masked as on the HF side."""
-  graphdef, state = nnx.split(model)
-  eos = model.config.eos_id
-
-  @jax.jit
-  def run(state, inputs, input_mask):
-    m = nnx.merge(graphdef, state)
-    cache = models.init_decode_state(m, inputs, input_mask, new_tokens)
-
-    def tokens_to_logits(s, tok):
-      logits, s = models.decode_step(m, s, tok)
-      return logits.at[:, eos].set(-jnp.inf), s
-
-    out = decoding.decode(
-      tokens_to_logits,
-      cache,
-      models.start_tokens(m, inputs, input_mask),
-      None,
-      method="greedy",
-      max_len=new_tokens,
-      eos_id=eos,
-      pad_id=m.config.pad_id,
-    )
-    return out.tokens[:, 0]
-
+  """jit(inputs, input_mask) -> tokens [B, new_tokens], EOS masked as on the HF side
+  (the decoding benchmark's library path)."""
+  run = cached_greedy(model, new_tokens)
+  state = nnx.split(model)[1]
   return lambda inputs, mask: run(state, inputs, mask)
 
 
