@@ -11,12 +11,6 @@ from flax import nnx
 from fdistill_jax import models as M
 
 TINY = ["t5-tiny", "t5v1.1-tiny", "bart-tiny", "mbart-tiny", "llama-tiny", "gpt2-tiny"]
-# One preset per family. The variants (t5v1.1: gated FFN, untied head; mbart:
-# pre-norm, final norms) change the layers and the head, not masking, causality
-# or the cache layout: they run the tests of those, and the family presets
-# stand for them in the rest (`per_family`).
-FAMILIES = ["t5-tiny", "bart-tiny", "llama-tiny", "gpt2-tiny"]
-per_family = pytest.mark.parametrize("model", FAMILIES, indirect=True)
 B, S, T = 3, 6, 5
 
 
@@ -62,7 +56,6 @@ def test_cached_decoding_matches_teacher_forcing(model):
   assert np.all(np.asarray(scored)[batch[3] > 0] < 0)
 
 
-@per_family
 def test_score_is_log_softmax_of_forward_logits(model):
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=1)
   out = M.forward(model, inputs, input_mask, targets, target_mask)
@@ -87,7 +80,6 @@ def test_output_head_reproduces_logits(model):
   assert out.logits.dtype == jnp.float32
 
 
-@per_family
 def test_source_padding_does_not_change_outputs(model):
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=2)
   base = M.score(model, inputs, input_mask, targets, target_mask)
@@ -108,7 +100,6 @@ def test_source_padding_does_not_change_outputs(model):
   )
 
 
-@per_family
 def test_each_row_independent_of_the_others(model):
   """A row's scores equal those computed for it alone at its own unpadded length."""
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=3)
@@ -125,7 +116,6 @@ def test_each_row_independent_of_the_others(model):
     chex.assert_trees_all_close(alone[0], batched[i], atol=1e-5, rtol=0)
 
 
-@per_family
 def test_logits_do_not_see_the_future(model):
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=4)
   base = M.forward(model, inputs, input_mask, targets, target_mask).logits
@@ -150,7 +140,6 @@ def test_left_and_right_padded_prompts_agree():
   chex.assert_trees_all_close(cached, right, atol=1e-5, rtol=0)
 
 
-@per_family
 def test_decode_state_reorders_along_batch(model):
   """Every state leaf has batch on axis 0: permuting it equals decoding permuted inputs."""
   inputs, input_mask, targets, _ = _batch(model.config, seed=6)
