@@ -80,20 +80,6 @@ def cached_greedy(model, new_tokens: int):
   return jax.jit(run)
 
 
-def _t5_decoder_hidden(m: EncoderDecoder, cross, cross_bias, buffer):
-  """The decoder half of `EncoderDecoder.forward` (the encoder ran once, outside the
-  loop): buffer [B, T] tokens -> hidden [B, T, D], hidden[:, t] predicting buffer[:, t]."""
-  b, t = buffer.shape
-  start = jnp.full((b, 1), m.config.start_id, buffer.dtype)
-  ids = jnp.concatenate([start, buffer[:, :-1]], axis=1)
-  slots = jnp.arange(t, dtype=jnp.int32)
-  pos = jnp.broadcast_to(slots, (b, t))
-  bias = layers.causal_bias(slots, slots, jnp.ones((1, t), jnp.float32))
-  if m.t5:
-    bias = bias + m.decoder.rel_bias(pos[:1], pos[:1])
-  return m._decode(ids, pos, bias, cross, cross_bias)[0]
-
-
 def uncached_greedy(model, new_tokens: int):
   """jit(state, inputs, input_mask) -> tokens [B, new_tokens]: every step re-runs the
   model over the whole [B, new_tokens] buffer (no KV cache)."""
@@ -108,7 +94,7 @@ def uncached_greedy(model, new_tokens: int):
       cross_bias = layers.mask_bias(input_mask)
 
       def hidden_of(buf):
-        return _t5_decoder_hidden(m, cross, cross_bias, buf)
+        return m.decode_teacher_forced(buf, cross, cross_bias)[0]
 
     else:
 

@@ -178,6 +178,21 @@ class EncoderDecoder(nnx.Module):
     hidden = drop(hidden) if self.t5 else hidden
     return hidden, tuple(outs), tuple(new_caches)
 
+  def decode_teacher_forced(self, targets, cross, cross_bias, drop=L.NO_DROPOUT):
+    """The decoder half of `forward`, the encoder already run: targets [B, T],
+    cross = `cross_kv(encoded)`, cross_bias = `mask_bias(input_mask)` ->
+    (hidden [B, T, D] where hidden[:, t] predicts targets[:, t], layer outputs)."""
+    b, t = targets.shape
+    start = jnp.full((b, 1), self.config.start_id, targets.dtype)
+    ids = jnp.concatenate([start, targets[:, :-1]], axis=1)
+    slots = jnp.arange(t, dtype=jnp.int32)
+    pos = jnp.broadcast_to(slots, (b, t))
+    bias = L.causal_bias(slots, slots, jnp.ones((1, t), jnp.float32))
+    if self.t5:
+      bias = bias + self.decoder.rel_bias(pos[:1], pos[:1])
+    hidden, layer_hidden, _ = self._decode(ids, pos, bias, cross, cross_bias, drop=drop)
+    return hidden, layer_hidden
+
   def head(self):
     """(kernel [D, V], scale): logits = scale * hidden @ kernel."""
     if self.lm_head is not None:
@@ -192,19 +207,12 @@ class EncoderDecoder(nnx.Module):
   ):
     """Teacher-forced pass; see `models.api.forward`."""
     del target_mask  # causal masking already hides everything after a position
-    b, t = targets.shape
+    t = targets.shape[1]
     L.check_positions(self.config, t, "decoder targets")
     drop = L.Dropout(dropout_rng, self.config.dropout_rate)
     encoded = self.encode(inputs, input_mask, drop)
-    start = jnp.full((b, 1), self.config.start_id, targets.dtype)
-    ids = jnp.concatenate([start, targets[:, :-1]], axis=1)
-    slots = jnp.arange(t, dtype=jnp.int32)
-    pos = jnp.broadcast_to(slots, (b, t))
-    bias = L.causal_bias(slots, slots, jnp.ones((1, t), jnp.float32))
-    if self.t5:
-      bias = bias + self.decoder.rel_bias(pos[:1], pos[:1])
-    hidden, layer_hidden, _ = self._decode(
-      ids, pos, bias, self.cross_kv(encoded), L.mask_bias(input_mask), drop=drop
+    hidden, layer_hidden = self.decode_teacher_forced(
+      targets, self.cross_kv(encoded), L.mask_bias(input_mask), drop
     )
     logits = L.logits_from_hidden(hidden, *self.head()) if with_logits else None
     return L.ModelOutput(logits, hidden, layer_hidden)
