@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -90,9 +91,11 @@ class Checkpointer:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
 
-  def maybe_save(self, step: int, state, meta: dict | None = None) -> bool:
+  def maybe_save(self, step: int, state, meta: dict | Callable[[], dict] | None = None) -> bool:
+    """Saves at every `save_interval_steps`-th step. `meta` may be a function,
+    called only when saving (a multi-process run gathers it collectively)."""
     if self.save_interval_steps and step % self.save_interval_steps == 0:
-      return self.save(step, state, meta)
+      return self.save(step, state, meta() if callable(meta) else meta)
     return False
 
   def restore(self, abstract_state, step: int | None = None):

@@ -336,8 +336,7 @@ def train_loop(
         if progress is not None:
           progress.set_postfix(loss=f"{last_means['loss']:.4f}")
         acc, t0 = None, time.time()
-      if ckpt.save_interval_steps and step % ckpt.save_interval_steps == 0:
-        ckpt.save(step, state, meta())  # `maybe_save`, gathering positions only when saving
+      ckpt.maybe_save(step, state, meta)  # meta() (a collective) only when saving
       if eval_fn is not None and tc.eval_every_steps and step % tc.eval_every_steps == 0:
         evaluate(step)
       if progress is not None:

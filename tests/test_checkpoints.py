@@ -45,6 +45,23 @@ def test_round_trip_with_metadata_and_retention(tmp_path):
   ckpt.close()
 
 
+def test_meta_function_is_called_only_when_saving(tmp_path):
+  # The trainer passes a function: in a multi-process run it is a collective.
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_interval_steps=3)
+  calls = []
+
+  def meta():
+    calls.append(step)
+    return {"data": step}
+
+  for step in range(1, 7):
+    ckpt.maybe_save(step, _state(step), meta)
+  ckpt.wait_until_finished()
+  assert calls == [3, 6]
+  assert ckpt.read_meta(6) == {"data": 6}
+  ckpt.close()
+
+
 def test_empty_directory_restores_none(tmp_path):
   ckpt = checkpoints.Checkpointer(str(tmp_path))
   assert ckpt.latest_step() is None
