@@ -25,6 +25,8 @@ figures: the loss-kernel benchmark holds the head's targets).
 
 from __future__ import annotations
 
+import inspect
+
 from bench import common
 
 common.setup_env()
@@ -176,7 +178,8 @@ def run(args) -> dict:
     "Steps use the trainer's default fused head where the objective has a fused form "
     "(kl, rkl, js, tvd, fdiv, kd); `.../unfused` is the same step with fused_head=False."
   )
-  chunk = 512  # make_train_step's default fused_chunk_size, as the trainer runs it
+  # The step runs make_train_step's default fused chunk: read it, not a copy of it.
+  chunk = inspect.signature(train.make_train_step).parameters["fused_chunk_size"].default
   if tokens <= chunk:
     notes.append(
       f"At this preset a batch is {tokens} tokens, within one fused-head chunk ({chunk} "
