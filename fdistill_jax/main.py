@@ -57,9 +57,9 @@ def main(argv):
     from configs import default
 
     config = default.get_config()
-  config_checks.check(config, _MODE.value)
   # Before anything touches a device: multi-process runs join their peers here.
   distributed.initialize(config)
+  config_checks.check(config, _MODE.value)  # counts devices: after initialize
   distributed.install_log_filter()
   _resolve(_MODE.value)(config, _WORKDIR.value)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -266,3 +267,26 @@ def test_skip_corrupt_is_a_config_key_the_trainer_reads(tmp_path, monkeypatch):
   reader = train._records_data(c, str(tmp_path), SPEC.vocab_size, None)(None)
   assert reader.skipped == {path: 1}
   reader.close()
+
+
+def test_the_teacher_fingerprint_is_the_same_through_every_loader_and_place(tmp_path):
+  """What the pass records (load_teacher) is what distill computes (load_model), moved or not."""
+  from flax import nnx
+
+  from fdistill_jax import checkpoints, models, teacher_pass, train
+
+  cfg = models.get_preset("t5-tiny")
+  teacher = models.build_model(cfg, 7)
+  saver = checkpoints.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  saver.save(3, {"params": nnx.to_pure_dict(nnx.state(teacher, nnx.Param)), "step": 3})
+  saver.close()
+  shutil.copytree(tmp_path / "ckpt", tmp_path / "moved")
+  model, identity = teacher_pass.load_teacher(
+    ConfigDict({"model": cfg, "checkpoint": str(tmp_path / "ckpt")})
+  )
+  recorded = teacher_pass.params_fingerprint(model)
+  for folder in ("ckpt", "moved"):
+    loaded = train.load_model(cfg, str(tmp_path / folder))
+    assert teacher_pass.params_fingerprint(loaded) == recorded
+  assert identity["checkpoint"] == str(tmp_path / "ckpt")
+  assert teacher_pass.params_fingerprint(models.build_model(cfg, 8)) != recorded
