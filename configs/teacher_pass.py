@@ -36,6 +36,7 @@ def teacher_pass_config(**overrides) -> ml_collections.ConfigDict:
   c.max_input_len = 128  # S: longer sources are cut (EOS kept)
   c.max_target_len = 128  # T: teacher sequences and stored targets are at most this long
   c.out_dir = ""  # "": WORKDIR/teacher_records/SPLIT
+  c.skip_corrupt = False  # distill: train on the readable records of damaged shards (logged)
   # This process's devices as a sharding.make_mesh shape; e.g. {"data": -1, "model": 2}
   # splits a teacher too big for one device over pairs of devices.
   c.mesh = ml_collections.ConfigDict({"data": -1})

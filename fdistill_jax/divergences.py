@@ -56,7 +56,18 @@ _MIN_DERIVED_TAIL = 1e-6
 def log_probs(logits: Array, temperature: float = 1.0) -> Array:
   """Log-softmax of `logits [..., V]` at `temperature`, in float32 (float64 stays
   float64), with -inf made finite."""
-  return jnp.maximum(jax.nn.log_softmax(_scaled(logits, temperature), axis=-1), NEG_INF)
+  return floor_neg_inf(jax.nn.log_softmax(_scaled(logits, temperature), axis=-1))
+
+
+def floor_neg_inf(x: Array) -> Array:
+  """`x` raised to at least NEG_INF, passing the whole gradient where x == NEG_INF.
+
+  A masked logit's log-prob is exactly NEG_INF (the normaliser vanishes next
+  to 1e30), and `jnp.maximum` splits the gradient of a tie in half: the KL
+  gradient through a token the student masks and the teacher supports would
+  be halved.
+  """
+  return jnp.where(x >= NEG_INF, x, NEG_INF)
 
 
 def _scaled(logits: Array, temperature: float) -> Array:
@@ -347,7 +358,7 @@ def topk_log_probs(
   lq = log_probs(student_logits, temperature)
   ids = jnp.asarray(teacher_topk_ids).astype(jnp.int32)
   lq_k = jnp.take_along_axis(lq, ids, axis=-1)
-  lq_tail = jnp.maximum(logsumexp_outside(lq, ids), NEG_INF)
+  lq_tail = floor_neg_inf(logsumexp_outside(lq, ids))
   teacher = jnp.concatenate([lp_k, lp_tail[..., None]], axis=-1)
   teacher = jnp.maximum(teacher - jax.nn.logsumexp(teacher, axis=-1, keepdims=True), NEG_INF)
   student = jnp.concatenate([lq_k, lq_tail[..., None]], axis=-1)
@@ -406,7 +417,7 @@ def vocab_parallel_divergence(
     x = _scaled(logits, temperature)
     peak = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)), axis_name)
     total = jax.lax.psum(jnp.sum(jnp.exp(x - peak), axis=-1, keepdims=True), axis_name)
-    return jnp.maximum(x - peak - jnp.log(total), NEG_INF)
+    return floor_neg_inf(x - peak - jnp.log(total))
 
   local = jnp.sum(
     get(name).term(sharded_log_probs(teacher_logits), sharded_log_probs(student_logits), **params),

@@ -355,7 +355,7 @@ def _blocked_values(h, w, scale, teacher, name, kind, temperature, block, params
 
   @jax.checkpoint
   def body(acc, start):
-    lq = jnp.maximum(student_block(start) - lse_q[:, None], NEG_INF)
+    lq = divergences.floor_neg_inf(student_block(start) - lse_q[:, None])
     lp = jnp.maximum(teacher_block(start) - lse_p[:, None], NEG_INF)
     return acc + jnp.sum(term(lp, lq, **params), axis=-1), None
 
@@ -371,7 +371,7 @@ def _blocked_topk(h, w, scale, teacher, name, temperature, student_block, starts
   z_k = scale * jnp.einsum(
     "cd,ckd->ck", h, jnp.take(w.T, ids, axis=0), preferred_element_type=jnp.float32
   )
-  lq_k = jnp.maximum(z_k / temperature - lse_q[:, None], NEG_INF)
+  lq_k = divergences.floor_neg_inf(z_k / temperature - lse_q[:, None])
   rows = jnp.arange(ids.shape[0])[:, None]
 
   @jax.checkpoint
@@ -383,7 +383,7 @@ def _blocked_topk(h, w, scale, teacher, name, temperature, student_block, starts
     return jnp.logaddexp(lse, jax.nn.logsumexp(jnp.where(in_topk, NEG_INF, z), axis=-1)), None
 
   lse_tail, _ = jax.lax.scan(body, jnp.full(ids.shape[:1], -jnp.inf, jnp.float32), starts)
-  lq_tail = jnp.maximum(lse_tail - lse_q, NEG_INF)
+  lq_tail = divergences.floor_neg_inf(lse_tail - lse_q)
   student = jnp.concatenate([lq_k, lq_tail[:, None]], axis=-1)
   teacher_lp = _teacher_buckets(teacher["lp_k"], teacher.get("tail"))
   return divergences.divergence_from_log_probs(name, teacher_lp, student, **params)

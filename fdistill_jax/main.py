@@ -11,7 +11,7 @@ import importlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from fdistill_jax import distributed
+from fdistill_jax import config_checks, distributed
 
 MODES = {
   # mode: "module:function" taking (config, workdir)
@@ -20,7 +20,7 @@ MODES = {
   "teacher_pass": "fdistill_jax.teacher_pass:run",
   "distill": "fdistill_jax.train:run",
   "evaluate": "fdistill_jax.evaluate:run",
-  "inspect": "fdistill_jax.records:inspect_main",
+  "inspect": "fdistill_jax.record_checks:inspect_main",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,6 +35,18 @@ def _resolve(mode: str):
   return getattr(importlib.import_module(module_name), fn_name)
 
 
+def _parse_flags(argv):
+  """absl's parse, with ml_collections' bare AttributeError for an unknown key explained."""
+  try:
+    return flags.FLAGS(argv)
+  except AttributeError as e:
+    message = config_checks.explain_unknown_override(argv)
+    if message is None:
+      raise
+    # Outside `main`, where absl would print a traceback for a UsageError.
+    raise SystemExit(f"FATAL Flags parsing error: {message}") from e
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -47,9 +59,10 @@ def main(argv):
     config = default.get_config()
   # Before anything touches a device: multi-process runs join their peers here.
   distributed.initialize(config)
+  config_checks.check(config, _MODE.value)  # counts devices: after initialize
   distributed.install_log_filter()
   _resolve(_MODE.value)(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

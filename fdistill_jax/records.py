@@ -476,23 +476,38 @@ def check_shard(path: str, spec: RecordSpec, expected_records: int, expected_sha
 _STATUS_FIELDS = ("status", "shards")
 
 
+def _pass_identity(header: dict) -> dict:
+  """The fields of `header` a restart must repeat: the teacher by its parameters only.
+
+  Where the teacher was loaded from (`checkpoint`, `pretrained` path) is kept
+  in the manifest for people, but the same weights moved elsewhere are the
+  same teacher.
+  """
+  teacher = header.get("teacher") or {}
+  if "params_sha256" in teacher:
+    header = {**header, "teacher": {"params_sha256": teacher["params_sha256"]}}
+  return {k: v for k, v in header.items() if k not in _STATUS_FIELDS}
+
+
 def open_folder(directory: str, header: dict):
   """Starts a pass in `directory`, or checks that a restart repeats the same pass.
 
   `header` holds everything but the shard list: schema_version, spec, teacher,
   tokenizer_fingerprint, sampler, seed, records_per_shard, num_examples,
   num_shards, task. Mixing records of two different passes would be silent
-  garbage, so any difference from an existing manifest raises.
+  garbage, so any difference from an existing manifest raises. A manifest
+  temporary that a killed writer left behind is deleted.
   """
   fs_makedirs(directory)
+  remove_stale_temporaries(directory, [MANIFEST_NAME])
   path = os.path.join(directory, MANIFEST_NAME)
   header = json.loads(json.dumps(header))  # normalise tuples etc. as JSON would
   if fs_exists(path):
     with fs_open(path, "r") as f:
       existing = json.load(f)
-    old = {k: v for k, v in existing.items() if k not in _STATUS_FIELDS}
-    if old != header:
-      diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+    old, new = _pass_identity(existing), _pass_identity(header)
+    if old != new:
+      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
       raise RecordError(
         f"{path} belongs to a different teacher pass (fields differ: {diff}); "
         "use another output folder or delete this one"
@@ -521,6 +536,8 @@ def finalize_manifest(directory: str) -> dict:
     raise RecordError(
       f"{directory}: shards hold {total} records, the pass expected {manifest['num_examples']}"
     )
+  if manifest.get("status") == "complete" and manifest.get("shards") == shards:
+    return manifest  # already final: never rewritten (the folder may be read-only)
   manifest.update(status="complete", shards=shards)
   write_manifest(directory, manifest)
   return manifest
@@ -530,38 +547,3 @@ def records_dir(config, workdir: str) -> str:
   """Where the teacher pass of `config` writes (and the trainer reads) records."""
   tp = config.get("teacher_pass") or {}
   return tp.get("out_dir") or os.path.join(workdir, "teacher_records", tp.get("split", "train"))
-
-
-def inspect_main(config, workdir: str, num_records: int = 3):
-  """`--mode=inspect`: summarises a record folder and prints a few records as text."""
-  import tensorflow as tf
-
-  directory = records_dir(config, workdir)
-  manifest = read_manifest(directory)
-  spec = spec_from_manifest(manifest)
-  print(f"records: {directory}")
-  for key in ("status", "teacher", "task", "tokenizer_fingerprint", "sampler", "seed"):
-    print(f"  {key}: {manifest.get(key)}")
-  print(f"  spec: {dataclasses.asdict(spec)}")
-  total = sum(s["records"] for s in manifest["shards"])
-  print(f"  {len(manifest['shards'])} of {manifest['num_shards']} shards, {total} records")
-  tokenizer = None
-  if "task" in config:
-    from fdistill_jax.data import tasks
-
-    tokenizer = tasks.get_task(config.task).tokenizer
-  if tokenizer is not None and tokenizer.fingerprint() != manifest["tokenizer_fingerprint"]:
-    print(f"  warning: task tokenizer {tokenizer.fingerprint()} differs from the records'")
-  text = (lambda ids: tokenizer.decode(list(ids))) if tokenizer else (lambda ids: list(ids))
-  if not manifest["shards"]:
-    return
-  first = os.path.join(directory, manifest["shards"][0]["file"])
-  for raw in tf.data.TFRecordDataset(first).take(num_records):
-    r = decode_example(spec, raw.numpy())
-    print(f"\nexample {r['example_index']}")
-    print(f"  input:  {text(r['inputs'])}")
-    print(f"  target: {text(r['targets'])}")
-    for n in range(spec.num_samples):
-      length = r["teacher_lengths"][n]
-      logprob = float(r["teacher_token_logprobs"][n, :length].sum())
-      print(f"  teacher[{n}] (log p {logprob:.2f}): {text(r['teacher_tokens'][n, :length])}")

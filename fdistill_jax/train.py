@@ -25,7 +25,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import checkpoints, distributed, models, objectives
+from fdistill_jax import (
+  checkpoints,
+  config_checks,
+  distributed,
+  models,
+  objectives,
+  record_checks,
+  records,
+  teacher_pass,
+)
 from fdistill_jax.data.reader import TOPK_KEYS
 from fdistill_jax.train_step import (  # noqa: F401 - re-exported: the trainer's API
   Frozen,
@@ -456,6 +465,7 @@ def _records_data(config, workdir: str, vocab_size: int, tokenizer_fingerprint: 
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       position=position,
+      skip_corrupt=config.teacher_pass.skip_corrupt,
     )
 
   return data_fn
@@ -504,6 +514,7 @@ def _default_eval(config, task):
 
 def check_config(config, student_cfg, teacher_cfg=None):
   """Raises a clear ValueError for settings that cannot work, before anything compiles."""
+  config_checks.check(config, "distill")
   obj_cfg = objectives.ObjectiveConfig.from_config(config.objective)
   tc = config.train
   if tc.batch_size % tc.grad_accum_steps:
@@ -560,6 +571,9 @@ def run(config, workdir: str):
     teacher = load_model(
       config.teacher.model, config.teacher.checkpoint, config.teacher.get("pretrained")
     )
+    if "teacher" in spec.sources and not online:  # the records' teacher is the one loaded
+      fingerprint = teacher_pass.params_fingerprint(teacher)
+      record_checks.check_teacher(records.records_dir(config, workdir), fingerprint)
   else:
     check_config(config, student_cfg)
   if config.student.init_checkpoint:

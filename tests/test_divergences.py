@@ -314,6 +314,60 @@ def test_topk_gradient_flows_to_student_only_and_is_finite():
   assert np.all(np.isfinite(np.asarray(g_student))) and np.any(np.asarray(g_student) != 0)
 
 
+def _kl_grad_where_student_masks(t, s, masked):
+  """float64 d KL(p || q) / d student logits with `masked` student entries at -inf.
+
+  For an unmasked u, d/ds_u sum_v p_v (log p_v - log q_v) = q_u sum_v p_v - p_u
+  = q_u - p_u (q renormalised over the unmasked entries); a masked entry's
+  logit is a constant, so its gradient is 0.
+  """
+  p = softmax64(t)
+  q = np.zeros_like(p)
+  q[..., ~masked] = softmax64(s[..., ~masked])
+  return np.where(masked, 0.0, q - p)
+
+
+def test_kl_gradient_where_the_student_masks_a_supported_token_is_whole():
+  # The teacher gives the masked tokens real mass: the KL is huge but its
+  # gradient on the other logits is q - p, not halved by a tie at NEG_INF.
+  t, s = random_logits(16, shape=(3, 8))
+  masked = np.zeros(8, bool)
+  masked[[2, 5]] = True
+  s_m = np.where(masked, -np.inf, s).astype(np.float32)
+  grad = np.asarray(jax.grad(lambda b: D.kl(t, b).sum())(s_m))
+  np.testing.assert_allclose(grad, _kl_grad_where_student_masks(t, s, masked), atol=1e-6)
+
+
+def test_topk_kl_gradient_where_the_student_masks_a_topk_token_is_whole():
+  t, s = random_logits(17, shape=(3, 8))
+  lp = np.log(softmax64(t))
+  ids = np.argsort(-lp, axis=-1)[:, :3]  # the teacher's top-3
+  masked = np.zeros((3, 8), bool)
+  masked[np.arange(3), ids[:, 0]] = True  # the student masks the teacher's top token
+  s_m = np.where(masked, -np.inf, s).astype(np.float32)
+  top_lp = np.take_along_axis(lp, ids, -1)
+  in_k = np.zeros((3, 8), bool)
+  np.put_along_axis(in_k, ids, True, -1)
+  tail = np.log1p(-np.sum(np.where(in_k, np.exp(lp), 0.0), -1))
+  grad = np.asarray(
+    jax.grad(
+      lambda b: D.topk_divergence(
+        "kl", top_lp.astype(np.float32), ids, b, teacher_tail_logmass=tail.astype(np.float32)
+      ).sum()
+    )(s_m)
+  )
+  # float64 reference on the K + 1 buckets: d/ds_u = q_u - P_u, where P_u is
+  # the teacher's bucket mass p_k for a top-k id, p_tail * q_u / Q_tail outside.
+  q = np.where(masked, 0.0, np.exp(s - s.max(-1, keepdims=True)))
+  q = q / q.sum(-1, keepdims=True)
+  p = np.exp(lp)
+  q_tail = np.sum(np.where(in_k, 0.0, q), -1, keepdims=True)
+  p_tail = np.exp(tail)[..., None]
+  want = np.where(in_k, q - p, q - p_tail * q / q_tail)
+  want = np.where(masked, 0.0, want)
+  np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
 def test_weighted_sum_returns_sum_and_weight():
   values = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], jnp.bfloat16)
   weights = jnp.array([[1, 1, 0], [1, 0, 0]])

@@ -284,12 +284,13 @@ def test_load_teacher_from_a_trainer_checkpoint(tmp_path):
 def test_inspect_prints_manifest_and_decoded_records(reference, monkeypatch, capsys):
   from ml_collections import ConfigDict
 
+  from fdistill_jax import record_checks
   from fdistill_jax.data import tasks
 
   ref_dir, _ = reference
   monkeypatch.setattr(tasks, "get_task", lambda config: FakeTask())
   config = ConfigDict({"task": {"name": "fake"}, "teacher_pass": {"out_dir": str(ref_dir)}})
-  rec.inspect_main(config, "/unused", num_records=2)
+  record_checks.inspect_main(config, "/unused", num_records=2)
   out = capsys.readouterr().out
   assert "status: complete" in out and "3 of 3 shards, 10 records" in out
   first = next(FakeTask().examples("train"))

@@ -93,13 +93,11 @@ def _t5_config(hf, where):
   )
 
 
+def _if_differs(encoder, decoder):
+  return None if encoder == decoder else encoder
+
+
 def _bart_config(hf, where):
-  for enc, dec in (
-    ("encoder_attention_heads", "decoder_attention_heads"),
-    ("encoder_ffn_dim", "decoder_ffn_dim"),
-  ):
-    if hf.get(enc) != hf.get(dec):
-      _unsupported(where, f"{enc}={hf.get(enc)} != {dec}={hf.get(dec)}")
   mbart = hf["model_type"] == "mbart"
   # Older BART/mBART configs carry fairseq keys (normalize_before,
   # add_final_layer_norm, add_bias_logits) that transformers' classes ignore:
@@ -107,8 +105,11 @@ def _bart_config(hf, where):
   return dict(
     vocab_size=hf["vocab_size"],
     d_model=hf["d_model"],
-    num_heads=hf["encoder_attention_heads"],
-    d_ff=hf["encoder_ffn_dim"],
+    num_heads=hf["decoder_attention_heads"],
+    d_ff=hf["decoder_ffn_dim"],
+    # Set only where the stacks differ, so symmetric checkpoints keep the plain config.
+    encoder_num_heads=_if_differs(hf["encoder_attention_heads"], hf["decoder_attention_heads"]),
+    encoder_d_ff=_if_differs(hf["encoder_ffn_dim"], hf["decoder_ffn_dim"]),
     num_encoder_layers=hf["encoder_layers"],
     num_layers=hf["decoder_layers"],
     pad_id=hf.get("pad_token_id", 1),
@@ -205,12 +206,33 @@ def hf_family(hf: dict, where: str = "config.json") -> str:
 def hf_model_config(hf: dict, where: str = "config.json", **overrides) -> ModelConfig:
   """A `ModelConfig` from a parsed config.json; `overrides` set any field (e.g. dtype)."""
   family = hf_family(hf, where)
-  values = dict(family=family, **_CONFIGS[family](hf, where))
+  try:
+    values = dict(family=family, **_CONFIGS[family](hf, where))
+  except KeyError as e:
+    raise ConversionError(
+      f"{where}: key {e.args[0]!r} is missing; a model_type={hf['model_type']!r} config "
+      f"needs it (found keys {sorted(hf)})"
+    ) from e
   values.update(overrides)
   try:
-    return ModelConfig.from_config(values)
+    config = ModelConfig.from_config(values)
   except (TypeError, ValueError) as e:
     raise ConversionError(f"{where}: cannot build a ModelConfig: {e}") from e
+  _check_special_ids(config, where)
+  return config
+
+
+def _check_special_ids(config: ModelConfig, where: str):
+  """Special ids must be rows of the vocabulary: an EOS outside it never ends a generation."""
+  ids = {"eos_token_id": config.eos_id, "pad_token_id": config.pad_id}
+  if config.is_encoder_decoder:
+    ids["decoder_start_token_id"] = config.start_id
+  for key, value in ids.items():
+    if not isinstance(value, int) or not 0 <= value < config.vocab_size:
+      raise ConversionError(
+        f"{where}: {key} {value!r} is outside the vocabulary [0, vocab_size="
+        f"{config.vocab_size}); expected a token id the model can produce"
+      )
 
 
 # ------------------------------------------------------------------------------
@@ -298,8 +320,17 @@ def read_hf_config(folder: str) -> dict:
       f"Expected a Hugging Face checkpoint folder with config.json at {folder!r}; "
       "found no config.json."
     )
-  with open(path) as f:
-    return json.load(f)
+  return _read_json(path)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConversionError(
+      f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+    ) from e
 
 
 def safetensors_files(folder: str) -> list[str]:
@@ -307,8 +338,10 @@ def safetensors_files(folder: str) -> list[str]:
   folder = os.fspath(folder)
   index = os.path.join(folder, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ConversionError(f"{index}: expected a 'weight_map' object, found {weight_map!r}")
+    shards = sorted(set(weight_map.values()))
     paths = [os.path.join(folder, s) for s in shards]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:

@@ -48,6 +48,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
   """The config.json that makes transformers build the same model as `cfg`."""
   common = dict(vocab_size=cfg.vocab_size, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id)
   if cfg.family == "t5":
+    if cfg.encoder_config is not cfg:
+      _refuse(cfg, "encoder heads or MLP width other than the decoder's")
     return dict(
       common,
       architectures=["T5ForConditionalGeneration"],
@@ -69,6 +71,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     )
   if cfg.family == "bart":
     _standard_head_dim(cfg)
+    _standard_head_dim(cfg.encoder_config)
     if cfg.norm_eps != 1e-5:
       _refuse(cfg, f"layer_norm_eps {cfg.norm_eps} (BART's is fixed at 1e-5)")
     mbart = cfg.normalize_before
@@ -79,9 +82,9 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
       d_model=cfg.d_model,
       encoder_layers=cfg.encoder_layers,
       decoder_layers=cfg.num_layers,
-      encoder_attention_heads=cfg.num_heads,
+      encoder_attention_heads=cfg.encoder_config.num_heads,
       decoder_attention_heads=cfg.num_heads,
-      encoder_ffn_dim=cfg.d_ff,
+      encoder_ffn_dim=cfg.encoder_config.d_ff,
       decoder_ffn_dim=cfg.d_ff,
       max_position_embeddings=cfg.max_positions,
       activation_function=_need(cfg, _ACT, "activation"),

@@ -57,6 +57,12 @@ class _Table:
     self.cfg = cfg
     self.entries: list[Entry] = []
 
+  def for_config(self, cfg: ModelConfig) -> _Table:
+    """A table adding to the same entries with another config's sizes (the encoder's)."""
+    table = _Table(cfg)
+    table.entries = self.entries
+    return table
+
   def add(self, ours, hf, hf_shape, ours_shape=None, transpose=False, part=0, parts=1):
     """`ours_shape` defaults to the HF shape (transposed if `transpose`)."""
     hf_shape = tuple(hf_shape)
@@ -96,28 +102,32 @@ def t5_layout(cfg: ModelConfig, head_from_embedding: bool = False) -> list[Entry
   """T5 / T5 v1.1. `head_from_embedding`: an untied project head read from `shared`
   (transformers 5 saves T5 v1.1 tied but unscaled)."""
   t = _Table(cfg)
-  d, h, v = cfg.d_model, cfg.num_heads, cfg.vocab_size
+  d, v = cfg.d_model, cfg.vocab_size
   gated = cfg.activation in ("gated-gelu", "swiglu")
   mlp = ("wi_0", "wi_1", "wo") if gated else ("wi", "wo")
   t.add("embed.embedding", "shared.weight", (v, d))
-  for stack, n in (("encoder", cfg.encoder_layers), ("decoder", cfg.num_layers)):
-    t.add(
+  for stack, n, c in (
+    ("encoder", cfg.encoder_layers, cfg.encoder_config),
+    ("decoder", cfg.num_layers, cfg),
+  ):
+    s, h = t.for_config(c), c.num_heads
+    s.add(
       f"{stack}.rel_bias.embedding",
       f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
       (cfg.relative_attention_num_buckets, h),
     )
-    t.norm(f"{stack}.final_norm", f"{stack}.final_layer_norm", False)
+    s.norm(f"{stack}.final_norm", f"{stack}.final_layer_norm", False)
     for i in range(n):
       hl, ours = f"{stack}.block.{i}.layer", f"{stack}.layers.{i}"
-      t.attention(f"{ours}.self_attn", f"{hl}.0.SelfAttention", "qkvo", h, False)
-      t.norm(f"{ours}.attn_norm", f"{hl}.0.layer_norm", False)
+      s.attention(f"{ours}.self_attn", f"{hl}.0.SelfAttention", "qkvo", h, False)
+      s.norm(f"{ours}.attn_norm", f"{hl}.0.layer_norm", False)
       ff = 1
       if stack == "decoder":
-        t.attention(f"{ours}.cross_attn", f"{hl}.1.EncDecAttention", "qkvo", h, False)
-        t.norm(f"{ours}.cross_norm", f"{hl}.1.layer_norm", False)
+        s.attention(f"{ours}.cross_attn", f"{hl}.1.EncDecAttention", "qkvo", h, False)
+        s.norm(f"{ours}.cross_norm", f"{hl}.1.layer_norm", False)
         ff = 2
-      t.mlp(f"{ours}.mlp", f"{hl}.{ff}.DenseReluDense", mlp, False)
-      t.norm(f"{ours}.mlp_norm", f"{hl}.{ff}.layer_norm", False)
+      s.mlp(f"{ours}.mlp", f"{hl}.{ff}.DenseReluDense", mlp, False)
+      s.norm(f"{ours}.mlp_norm", f"{hl}.{ff}.layer_norm", False)
   if not cfg.tie_embeddings:
     head = "shared.weight" if head_from_embedding else "lm_head.weight"
     t.add("lm_head.kernel", head, (v, d), transpose=True)
@@ -130,23 +140,28 @@ def bart_layout(cfg: ModelConfig, prefix: str = "model.") -> list[Entry]:
   d, v = cfg.d_model, cfg.vocab_size
   names = ("q_proj", "k_proj", "v_proj", "out_proj")
   t.add("embed.embedding", f"{prefix}shared.weight", (v, d))
-  for stack, n in (("encoder", cfg.encoder_layers), ("decoder", cfg.num_layers)):
-    hs = f"{prefix}{stack}"
-    t.add(
+  # The encoder's heads and MLP width may differ from the decoder's (cross
+  # attention has the decoder's heads).
+  for stack, n, c in (
+    ("encoder", cfg.encoder_layers, cfg.encoder_config),
+    ("decoder", cfg.num_layers, cfg),
+  ):
+    hs, s = f"{prefix}{stack}", t.for_config(c)
+    s.add(
       f"{stack}.positions.embedding", f"{hs}.embed_positions.weight", (cfg.max_positions + 2, d)
     )
-    t.norm(f"{stack}.embed_norm", f"{hs}.layernorm_embedding", True)
+    s.norm(f"{stack}.embed_norm", f"{hs}.layernorm_embedding", True)
     if cfg.normalize_before:
-      t.norm(f"{stack}.final_norm", f"{hs}.layer_norm", True)
+      s.norm(f"{stack}.final_norm", f"{hs}.layer_norm", True)
     for i in range(n):
       hl, ours = f"{hs}.layers.{i}", f"{stack}.layers.{i}"
-      t.attention(f"{ours}.self_attn", f"{hl}.self_attn", names, cfg.num_heads, True)
-      t.norm(f"{ours}.attn_norm", f"{hl}.self_attn_layer_norm", True)
+      s.attention(f"{ours}.self_attn", f"{hl}.self_attn", names, c.num_heads, True)
+      s.norm(f"{ours}.attn_norm", f"{hl}.self_attn_layer_norm", True)
       if stack == "decoder":
-        t.attention(f"{ours}.cross_attn", f"{hl}.encoder_attn", names, cfg.num_heads, True)
-        t.norm(f"{ours}.cross_norm", f"{hl}.encoder_attn_layer_norm", True)
-      t.mlp(f"{ours}.mlp", hl, ("fc1", "fc2"), True)
-      t.norm(f"{ours}.mlp_norm", f"{hl}.final_layer_norm", True)
+        s.attention(f"{ours}.cross_attn", f"{hl}.encoder_attn", names, c.num_heads, True)
+        s.norm(f"{ours}.cross_norm", f"{hl}.encoder_attn_layer_norm", True)
+      s.mlp(f"{ours}.mlp", hl, ("fc1", "fc2"), True)
+      s.norm(f"{ours}.mlp_norm", f"{hl}.final_layer_norm", True)
   if not cfg.tie_embeddings:
     t.add("lm_head.kernel", "lm_head.weight", (v, d), transpose=True)
   return t.entries

@@ -47,6 +47,21 @@ def _safetensors_bf16(path: str, name: str) -> np.ndarray:
   return np.frombuffer(raw.tobytes(), dtype=ml_dtypes.bfloat16).reshape(info["shape"])
 
 
+def _open_safetensors(path: str):
+  """`safe_open(path)`, with a damaged file's error naming the file."""
+  from safetensors import safe_open
+
+  try:
+    return safe_open(path, framework="numpy")
+  except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    raise ConversionError(
+      f"{path}: not a readable safetensors file ({size} bytes; {type(e).__name__}: {e}); "
+      "expected an 8-byte header length, a JSON header and the tensor data it lists: "
+      "the file is truncated or not safetensors, copy or download it again"
+    ) from e
+
+
 class TensorSource:
   """Named tensors from one or more files, read on demand and checked.
 
@@ -63,11 +78,9 @@ class TensorSource:
 
   @classmethod
   def from_safetensors(cls, paths: Iterable[str]) -> TensorSource:
-    from safetensors import safe_open
-
     loaders = {}
     for path in paths:
-      with safe_open(path, framework="numpy") as f:
+      with _open_safetensors(path) as f:
         for name in f.keys():
           sl = f.get_slice(name)
           shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
@@ -75,8 +88,11 @@ class TensorSource:
           def read(path=path, name=name, dtype=dtype):
             if dtype == "BF16":
               return _safetensors_bf16(path, name)
-            with safe_open(path, framework="numpy") as g:
-              return g.get_tensor(name)
+            with _open_safetensors(path) as g:
+              try:
+                return g.get_tensor(name)
+              except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise ConversionError(f"{path}: cannot read tensor {name!r} ({e})") from e
 
           if name in loaders:
             raise ConversionError(

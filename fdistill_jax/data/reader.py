@@ -39,6 +39,7 @@ import tempfile
 import numpy as np
 from absl import logging
 
+from fdistill_jax import record_checks
 from fdistill_jax import records as rec
 
 TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logmass")
@@ -52,10 +53,11 @@ def open_manifest(
 ) -> tuple[dict, rec.RecordSpec]:
   """Reads `directory`'s manifest and checks it against the caller's vocabulary.
 
-  Cheap (one small file): the trainer calls it before building models, so a
-  wrong record folder stops a run before anything compiles. Raises
-  `RecordError` naming the manifest for an unfinished pass, a bad spec, or a
-  vocabulary size or tokenizer fingerprint other than the expected one.
+  Cheap (the manifest and each shard's first record): the trainer calls it
+  before building models, so a wrong record folder stops a run before
+  anything compiles. Raises `RecordError` naming the manifest for an
+  unfinished pass, a bad spec or one the shards do not have, or a vocabulary
+  size or tokenizer fingerprint other than the expected one.
   """
   manifest = rec.read_manifest(directory)
   where = os.path.join(directory, rec.MANIFEST_NAME)
@@ -68,6 +70,8 @@ def open_manifest(
     spec = rec.spec_from_manifest(manifest)
   except (KeyError, TypeError, rec.RecordError) as e:
     raise rec.RecordError(f"{where}: unusable spec {manifest.get('spec')!r} ({e})") from e
+  # Checksums pass after an edit of the manifest alone: measure the shards.
+  record_checks.check_spec_against_shards(directory, manifest, spec)
   if expected_vocab_size is not None and expected_vocab_size != spec.vocab_size:
     raise rec.RecordError(
       f"{where}: records have vocab_size {spec.vocab_size}, the student expects "

@@ -31,6 +31,8 @@ class ModelConfig:
   d_ff: int = 128  # MLP hidden width
   num_layers: int = 2  # decoder layers (decoder-only: all layers)
   num_encoder_layers: int | None = None  # encoder layers; None: num_layers
+  encoder_num_heads: int | None = None  # encoder attention heads; None: num_heads (BART may differ)
+  encoder_d_ff: int | None = None  # encoder MLP width; None: d_ff (BART may differ)
   pad_id: int = 0  # padding token
   eos_id: int = 1  # end-of-sequence token
   decoder_start_id: int | None = None  # enc-dec decoder start; None: pad (T5) / eos (BART)
@@ -69,6 +71,16 @@ class ModelConfig:
       )
     if self.activation not in ("relu", "gated-gelu", "swiglu", "gelu", "gelu_new"):
       raise ValueError(f"ModelConfig.mlp_activation: unknown {self.mlp_activation!r}")
+    if not self.is_encoder_decoder and (self.encoder_num_heads or self.encoder_d_ff):
+      raise ValueError(
+        f"ModelConfig: encoder_num_heads / encoder_d_ff are for encoder-decoder families, "
+        f"found them set for {self.family!r}"
+      )
+    if self.encoder_num_heads and self.head_dim is None and self.d_model % self.encoder_num_heads:
+      raise ValueError(
+        f"ModelConfig: d_model ({self.d_model}) is not divisible by encoder_num_heads "
+        f"({self.encoder_num_heads}); set head_dim explicitly"
+      )
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))
@@ -107,6 +119,18 @@ class ModelConfig:
   @property
   def encoder_layers(self) -> int:
     return self.num_layers if self.num_encoder_layers is None else self.num_encoder_layers
+
+  @property
+  def encoder_config(self) -> ModelConfig:
+    """This config as the encoder's layers see it: its heads and MLP width."""
+    if self.encoder_num_heads is None and self.encoder_d_ff is None:
+      return self
+    return self.replace(
+      num_heads=self.encoder_num_heads or self.num_heads,
+      d_ff=self.encoder_d_ff or self.d_ff,
+      encoder_num_heads=None,
+      encoder_d_ff=None,
+    )
 
   @property
   def activation(self) -> str:

@@ -10,6 +10,8 @@ see `layers.py`; `L` runs over layers):
   decoder.layers.L.cross_attn.{query,key,value,out}.kernel       (as self_attn)
   {encoder,decoder}.layers.L.mlp.{wi | wi_0, wi_1}.kernel        [D, F]
   {encoder,decoder}.layers.L.mlp.wo.kernel                       [F, D]
+  (the encoder's H and F are `encoder_num_heads` / `encoder_d_ff` when set:
+  BART checkpoints may give the two stacks different heads and MLP widths)
   {encoder,decoder}.layers.L.{attn_norm, cross_norm, mlp_norm}.scale (+ .bias) [D]
   {encoder,decoder}.final_norm.scale (+ .bias)   T5, mBART (normalize_before)
   T5:   {encoder,decoder}.rel_bias.embedding    [num_buckets, H]
@@ -122,7 +124,7 @@ class EncoderDecoder(nnx.Module):
     self.t5 = cfg.family == "t5"
     stddev = 1.0 if self.t5 else 0.02
     self.embed = L.Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), cfg, rngs, stddev)
-    self.encoder = Stack(cfg, rngs, decoder=False)
+    self.encoder = Stack(cfg.encoder_config, rngs, decoder=False)
     self.decoder = Stack(cfg, rngs, decoder=True)
     self.lm_head = (
       None
