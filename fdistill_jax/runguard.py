@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fdistill_jax import checkpoints
+from fdistill_jax import checkpoints, records
 
 # Exit codes of `python -m fdistill_jax.main` (docs/failure-modes.md); any
 # other error exits 1 with its message.
@@ -309,10 +309,7 @@ def identity_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
 
 
 def _write_json(path: str, value):
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  records.atomic_write_bytes(path, json.dumps(value, indent=2, sort_keys=True).encode())
 
 
 def check_identity(workdir: str, identity: dict, *, resuming: bool, override: bool = False):
@@ -326,14 +323,14 @@ def check_identity(workdir: str, identity: dict, *, resuming: bool, override: bo
   path = os.path.join(workdir, IDENTITY_NAME)
   identity = _plain(identity)
   write = jax.process_index() == 0
-  if not resuming or not os.path.exists(path):
+  if not resuming or not records.fs_exists(path):
     if resuming:
       logging.warning("%s: checkpoints without %s: adopting this run's identity", workdir, path)
     if write:
-      os.makedirs(workdir, exist_ok=True)
+      records.fs_makedirs(workdir)
       _write_json(path, identity)
     return
-  with open(path) as f:
+  with records.fs_open(path, "r") as f:
     stored = json.load(f)
   diff = identity_diff(stored, identity)
   if not diff:
@@ -365,11 +362,12 @@ def checkpoint_identity(workdir: str) -> dict:
   """
   digest = None
   path = os.path.join(workdir, IDENTITY_NAME)
-  if os.path.exists(path):
-    with open(path, "rb") as f:
+  if records.fs_exists(path):
+    with records.fs_open(path, "rb") as f:
       digest = hashlib.sha256(f.read()).hexdigest()[:16]
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+  names = records.fs_listdir(ckpt_dir) if records.fs_exists(ckpt_dir) else []
+  steps = [int(n) for n in names if n.isdigit()]  # orbax temporaries have a suffix
   return {"identity": digest, "step": max(steps, default=None)}
 
 

@@ -564,7 +564,10 @@ def check_config(config, student_cfg, teacher_cfg=None):
 
 
 def run(config, workdir: str):
-  """`--mode=distill`: trains the student of `config` with `config.objective`."""
+  """`--mode=distill`: trains the student of `config` with `config.objective`.
+
+  Raises `runguard.Preempted` when SIGTERM stopped it (the checkpoint is saved).
+  """
   from fdistill_jax.data import tasks
 
   student_cfg = models.ModelConfig.from_config(config.student.model)
@@ -615,7 +618,7 @@ def run_teacher(config, workdir: str):
 
   Also trains non-distilled students. Checkpoints (the last one at the final
   step) go to `workdir/checkpoints`: the folder `config.teacher.checkpoint`
-  names later.
+  names later. Raises `runguard.Preempted` when SIGTERM stopped it.
   """
   from fdistill_jax.data import tasks
 

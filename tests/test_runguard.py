@@ -286,7 +286,7 @@ def test_sigterm_on_the_command_line_exits_75_after_saving(tmp_path):
     cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
   )  # fmt: skip
   deadline = time.time() + 240
-  while not train.read_metrics(str(workdir)) and time.time() < deadline:
+  while not train.read_metrics(str(workdir)) and child.poll() is None and time.time() < deadline:
     time.sleep(0.5)
   child.send_signal(signal.SIGTERM)
   out, _ = child.communicate(timeout=240)
