@@ -3,6 +3,7 @@ another run identity or a second process is refused, resumes write no duplicates
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,10 +86,10 @@ def test_stored_evaluations_are_keyed_by_the_checkpoints_behind_them(tmp_path):
   config = default.get_config()
   run_dir, teacher_dir = str(tmp_path / "student"), str(tmp_path / "teacher")
   c = _mle(num_train_steps=2)
-  train.train_loop(c, teacher_dir, student=_student(), data_fn=h.data_fn())
   train.train_loop(c, run_dir, student=_student(), data_fn=h.data_fn())
   key = pipeline.eval_key(config, run_dir, teacher_dir)
   assert key["model"]["step"] == 2 and key["model"]["identity"]
+  assert key["teacher"] == {"identity": None, "step": None}  # no teacher trained here
   path = str(tmp_path / "student.json")
   with open(path, "w") as f:
     json.dump({"key": key, "metrics": {"bleu": 1.0}}, f)
@@ -113,31 +114,29 @@ def test_stored_evaluations_are_keyed_by_the_checkpoints_behind_them(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_good_checkpoints(tmp_path):
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_good_checkpoints(
+  tmp_path, capsys
+):
   # Warmup from 0 (the defaults): the first steps are finite, then the parameters blow up.
-  c = _mle(learning_rate=1e30, warmup_steps=10, num_train_steps=12, checkpoint_every_steps=1,
-             keep_checkpoints=3)  # fmt: skip
-  with pytest.raises(runguard.Diverged, match=r"non-finite training at step (\d+)") as err:
-    train.train_loop(c, str(tmp_path), student=_student(), data_fn=h.data_fn())
-  bad = int(err.value.args[0].split("at step ")[1].split()[0])
-  assert 1 <= bad < 12
-  saved = _saved_params(str(tmp_path / "checkpoints"))
-  assert sorted(saved) == list(range(max(1, bad - 3), bad)), saved.keys()
-  for step, leaves in saved.items():
-    assert all(np.isfinite(x).all() for x in leaves), step
-  assert f"last good checkpoint: step {bad - 1}" in str(err.value)
-  rows = train.read_metrics(str(tmp_path))
-  assert [r["step"] for r in rows] == list(range(1, bad))
-  assert all(np.isfinite(r["train/loss"]) for r in rows)
+  c = _mle(learning_rate=1e30, warmup_steps=10, num_train_steps=12, checkpoint_every_steps=1)
 
-
-def test_diverging_command_line_run_exits_with_the_divergence_code(tmp_path):
-  c = _mle(learning_rate=1e30, num_train_steps=12, checkpoint_every_steps=1000)
-
-  def mode(config, workdir):
+  def mode(config, workdir):  # a command-line mode, as main runs it
     train.train_loop(config, workdir, student=_student(), data_fn=h.data_fn())
 
   assert runguard.run_mode(mode, c, str(tmp_path)) == runguard.EXIT_DIVERGED == 3
+  message = capsys.readouterr().out
+  match = re.search(r"non-finite training at step (\d+) \(loss=\S+, grad_norm=\S+, param", message)
+  assert match, message
+  bad = int(match.group(1))
+  assert 1 < bad < 12
+  saved = _saved_params(str(tmp_path / "checkpoints"))
+  assert sorted(saved) == list(range(max(1, bad - 3), bad))
+  for step, leaves in saved.items():
+    assert all(np.isfinite(x).all() for x in leaves), step
+  assert f"last good checkpoint: step {bad - 1}" in message
+  rows = train.read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == list(range(1, bad))
+  assert all(np.isfinite(r["train/loss"]) for r in rows)
 
 
 def _poisoned(from_batch: int):
