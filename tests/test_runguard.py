@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fdistill_jax import checkpoints, models, pipeline, runguard, train
+from fdistill_jax import records as rec
 from tests import _train_helpers as h
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +79,26 @@ def test_sigterm_in_the_teachers_training_stops_the_main_job(tmp_path, monkeypat
   ckpt.close()
   # Nothing after the teacher ran: no records, students, evaluations or report.
   assert sorted(os.listdir(tmp_path)) == [runguard.LOCK_NAME, "teacher"]
+
+
+def test_sigterm_stops_the_teacher_pass_at_a_shard_boundary(tmp_path, monkeypatch):
+  from tests.test_teacher_pass import run_pass, shard_bytes
+
+  boundaries = []
+
+  def sigterm_before_the_second_shard():
+    boundaries.append(1)
+    return len(boundaries) >= 2
+
+  monkeypatch.setattr(runguard, "preemption_requested", sigterm_before_the_second_shard)
+  with pytest.raises(runguard.Preempted, match="finished shards are kept"):
+    run_pass(tmp_path / "a")
+  assert len(shard_bytes(tmp_path / "a")) == 1  # shard 0, computed before the signal, is written
+  assert rec.read_manifest(str(tmp_path / "a"))["status"] == "incomplete"
+  monkeypatch.undo()
+  run_pass(tmp_path / "a")
+  run_pass(tmp_path / "b")
+  assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
 
 
 def test_stored_evaluations_are_keyed_by_the_checkpoints_behind_them(tmp_path):
