@@ -74,6 +74,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   c.async_checkpointing = True  # write checkpoints in the background
   c.tensorboard = True  # also write TensorBoard scalars (WORKDIR/tensorboard)
   c.progress_bar = True  # tqdm on process 0
+  c.nonfinite_patience = 0  # non-finite steps in a row skipped before stopping (0: stop at once)
+  c.override_run_identity = False  # resume checkpoints under other settings (failure-modes.md)
   c.update(overrides)
   return c
 

@@ -2,16 +2,21 @@
 
 Each mode is a `run(config, workdir)` function in its own module, imported
 only when chosen so that a mode's heavy dependencies load only when needed.
+
+Exit codes (docs/failure-modes.md): 0 done, 1 error, 3 diverged (non-finite
+training), 4 workdir of another run identity, 5 workdir in use by another
+process, 75 preempted (SIGTERM; state saved, rerun the same command).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from fdistill_jax import config_checks, distributed
+from fdistill_jax import config_checks, distributed, runguard
 
 MODES = {
   # mode: "module:function" taking (config, workdir)
@@ -61,7 +66,7 @@ def main(argv):
   distributed.initialize(config)
   config_checks.check(config, _MODE.value)  # counts devices: after initialize
   distributed.install_log_filter()
-  _resolve(_MODE.value)(config, _WORKDIR.value)
+  sys.exit(runguard.run_mode(_resolve(_MODE.value), config, _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Layout of the workdir:
 
 Every stage is restartable: a finished training run resumes at its last
 step and does nothing, a finished teacher pass skips its shards, and stored
-evaluations are reused; run the same command again after a crash.
+evaluations are reused while the checkpoints behind them are unchanged; run
+the same command again after a crash. SIGTERM stops the job at the next step
+or stage boundary with `runguard.Preempted` (exit code 75).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import decoding, models, objectives, records, teacher_pass, train
+from fdistill_jax import decoding, models, objectives, records, runguard, teacher_pass, train
 from fdistill_jax.data import tasks
 
 # Columns of the results table: (key in the metrics, header, format).
@@ -269,9 +271,37 @@ def _timed(timings: dict, name: str, fn, *args, **kwargs):
 
 
 def _stage(msg: str, *args):
+  runguard.stop_if_preempted(f"stage {msg % args!r}")
   print(msg % args, flush=True)
 
 
+def eval_key(config, model_dir: str, teacher_dir: str) -> dict:
+  """What a stored evaluation was computed from: the model's and the teacher's
+  checkpoints (`runguard.checkpoint_identity`) and the evaluation settings."""
+  p = config.pipeline
+  settings = {k: p[k] for k in ("eval_split", "eval_samples", "eval_batch_size", "eval_seed")}
+  settings.update(max_input_len=config.train.max_input_len)
+  settings.update(max_target_len=config.train.max_target_len)
+  return json.loads(json.dumps({
+    "model": runguard.checkpoint_identity(model_dir),
+    "teacher": runguard.checkpoint_identity(teacher_dir),
+    "settings": settings,
+  }))  # fmt: skip
+
+
+def read_eval(path: str, key: dict) -> dict | None:
+  """The metrics stored at `path` if they were computed for `key`, else None."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    stored = json.load(f)
+  if stored.get("key") != key:
+    logging.warning("%s: computed from other checkpoints or settings: evaluating again", path)
+    return None
+  return stored["metrics"]
+
+
+@runguard.run_owner("workdir")
 def run(config, workdir: str):
   """Runs every stage (skipping finished ones) and writes the report into `workdir`."""
   p = config.pipeline
@@ -319,10 +349,12 @@ def run(config, workdir: str):
   os.makedirs(eval_dir, exist_ok=True)
   rows, teacher_cache = {}, {}
   for name in ["teacher", *runs]:
+    runguard.stop_if_preempted(f"the evaluation of {name}")
     path = os.path.join(eval_dir, f"{name}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        rows[name] = json.load(f)
+    key = eval_key(config, runs.get(name, teacher_dir), teacher_dir)
+    stored = read_eval(path, key)
+    if stored is not None:
+      rows[name] = stored
       continue
     if name == "teacher":
       model = teacher
@@ -331,9 +363,10 @@ def run(config, workdir: str):
     metrics = _timed(timings, "evaluate", evaluate, config, task, model, teacher, teacher_cache)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-      json.dump(metrics, f, indent=2, default=float)
+      json.dump({"key": key, "metrics": metrics}, f, indent=2, default=float)
     os.replace(tmp, path)
     rows[name] = metrics
+  runguard.stop_if_preempted("the report")
   table = _write_report(workdir, config, rows, timings, runs)
   print(table)
   print(f"\nReport: {os.path.join(workdir, 'results.md')}")

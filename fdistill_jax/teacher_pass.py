@@ -12,6 +12,9 @@ Restarts: shard `i` always holds the examples at positions
 sampling key of an example is `fold_in(seed, example_index)`; so a pass that
 is killed and started again skips the shards that have a `.COMPLETED` marker
 and writes exactly the records an uninterrupted pass would have written.
+SIGTERM stops the pass at the next shard boundary, after writing the shards
+already computed, with `runguard.Preempted`; two processes never write one
+folder at once (`runguard.run_owner`).
 
 Multi-host: process `p` of `P` computes shards `p, p + P, ...` on its own
 devices; process 0 writes the manifest once every shard is in.
@@ -33,7 +36,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import divergences, models, sharding
+from fdistill_jax import divergences, models, runguard, sharding
 from fdistill_jax import records as rec
 
 # (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
@@ -231,6 +234,7 @@ def _barrier(name: str):
     multihost_utils.sync_global_devices(name)
 
 
+@runguard.run_owner("out_dir")
 def teacher_pass(
   model,
   task,
@@ -330,6 +334,7 @@ def teacher_pass(
     total = sum(min(per, num_examples - i * per) for i in todo)
     bar = tqdm(total=total, unit="ex", desc="teacher pass", smoothing=0.1)
   in_flight = []  # (shard index, examples, is the shard's last batch, device outputs)
+  preempted = False
   shard_rows: dict[int, list] = {}
 
   def collect(item):
@@ -352,6 +357,9 @@ def teacher_pass(
 
   try:
     for index, examples in _shards(task.examples(pc.split), pc.records_per_shard, pc.max_examples):
+      if runguard.preemption_requested():  # every process, every shard: one collective each
+        preempted = True
+        break
       if index not in todo:
         continue
       for start in range(0, len(examples), pc.batch_size):
@@ -369,6 +377,11 @@ def teacher_pass(
     if bar is not None:
       bar.close()
     writer.close()
+  if preempted:
+    raise runguard.Preempted(
+      f"teacher pass into {out_dir}: preempted (SIGTERM); the finished shards are kept: "
+      "rerun the same command to write the rest"
+    )
   _barrier("teacher_pass_done")
   manifest = rec.finalize_manifest(out_dir) if process_index == 0 else None
   # Every process returns once the manifest says "complete": a run that goes

@@ -33,6 +33,7 @@ from fdistill_jax import (
   objectives,
   record_checks,
   records,
+  runguard,
   teacher_pass,
 )
 from fdistill_jax.data.reader import TOPK_KEYS
@@ -191,6 +192,7 @@ def _check_batch_keys(batch: dict, keys: tuple[str, ...], data):
   )
 
 
+@runguard.run_owner("workdir")
 def train_loop(
   config,
   workdir: str,
@@ -220,7 +222,13 @@ def train_loop(
     eval_fn: (student model, step) -> {name: float}; every
       `eval_every_steps` and at the end.
     step_callback: (step, state) after every update (hooks, tests).
-    guard: a `PreemptionGuard` (default: one installed for SIGTERM).
+    guard: a `PreemptionGuard` (default: the active one of `runguard`, else
+      one installed for SIGTERM).
+
+  Raises `runguard.IdentityMismatch` when `workdir` holds checkpoints of
+  another run, `runguard.WorkdirLocked` when another process owns it, and
+  `runguard.Diverged` at the first non-finite step past
+  `train.nonfinite_patience` (nothing non-finite is saved).
 
   Returns:
     {"step", "params" (pure dict, host), "metrics" (last logged means),
@@ -231,7 +239,7 @@ def train_loop(
   spec = obj_cfg.spec
   mesh = make_mesh(config.mesh)
   frozen_student = Frozen(student)
-  tx = make_optimizer(tc)
+  tx = runguard.skip_nonfinite_updates(make_optimizer(tc), tc.nonfinite_patience)
   online = bool(tc.online_teacher) and "teacher" in spec.sources
   use_topk = obj_cfg.use_teacher_topk and not online
   teacher_needed = spec.needs_teacher_model(use_topk) or online
@@ -273,6 +281,15 @@ def train_loop(
     save_interval_steps=tc.checkpoint_every_steps,
     async_save=tc.async_checkpointing,
   )
+  teacher_id = None
+  if frozen_teacher is not None:
+    sha = teacher_pass.params_fingerprint(teacher)
+    teacher_id = {"model": teacher.config, "params_sha256": sha}
+  identity = runguard.train_identity(
+    config, student.config, teacher=teacher_id, data=getattr(data_fn, "identity", None)
+  )
+  resuming = ckpt.latest_step() is not None
+  runguard.check_identity(workdir, identity, resuming=resuming, override=tc.override_run_identity)
   position = None
   restored = ckpt.restore(jax.tree.map(checkpoints.abstract_like, state))
   if restored is not None:
@@ -290,9 +307,12 @@ def train_loop(
       )
     logging.info("resuming at step %d, data position %s", int(_host(state["step"])), position)
   start = int(_host(state["step"]))
+  recorded_eval = runguard.resume_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+  nonfinite = runguard.NonFiniteStop(tc.nonfinite_patience, workdir)
   data = _open_data(data_fn, position)
   jitted = jit_step(step_fn, state_shardings, mesh)
   writer = MetricWriter(workdir, tensorboard=tc.tensorboard)
+  guard = guard or runguard.active_guard()
   own_guard = guard is None
   guard = guard or checkpoints.PreemptionGuard()
   progress = None
@@ -336,6 +356,7 @@ def train_loop(
         _check_batch_keys(batch, batch_keys, data)  # before the step compiles
       state, metrics = jitted(state, put_batch(batch, mesh), teacher_params)
       step += 1
+      nonfinite.check(step, metrics, ckpt)  # raises before a non-finite state is saved
       acc = objectives.add_metrics(acc, metrics)
       if step % tc.log_every_steps == 0 or step == tc.num_train_steps:
         last_means = objectives.metric_means(jax.tree.map(_host, acc))
@@ -354,7 +375,9 @@ def train_loop(
         step_callback(step, state)
     if not preempted:
       ckpt.save(step, state, meta())
-      if eval_fn is not None and (not tc.eval_every_steps or step % tc.eval_every_steps):
+      if step == start and recorded_eval:
+        last_eval = recorded_eval  # a finished run, started again: already evaluated
+      elif eval_fn is not None and (not tc.eval_every_steps or step % tc.eval_every_steps):
         evaluate(step)
   finally:
     if own_guard:
@@ -413,6 +436,7 @@ def _ground_truth_data(config, task, split: str):
       process_count=jax.process_count(),
     )
 
+  data_fn.identity = {"task": config.task, "split": split}  # part of the run identity
   return data_fn
 
 
@@ -468,6 +492,7 @@ def _records_data(config, workdir: str, vocab_size: int, tokenizer_fingerprint: 
       skip_corrupt=config.teacher_pass.skip_corrupt,
     )
 
+  data_fn.identity = runguard.records_identity(records.read_manifest(directory))
   return data_fn
 
 
@@ -551,7 +576,10 @@ def check_config(config, student_cfg, teacher_cfg=None):
 
 
 def run(config, workdir: str):
-  """`--mode=distill`: trains the student of `config` with `config.objective`."""
+  """`--mode=distill`: trains the student of `config` with `config.objective`.
+
+  Raises `runguard.Preempted` when SIGTERM stopped it (the checkpoint is saved).
+  """
   from fdistill_jax.data import tasks
 
   student_cfg = models.ModelConfig.from_config(config.student.model)
@@ -596,6 +624,7 @@ def run(config, workdir: str):
     teacher=teacher,
     eval_fn=_default_eval(config, task),
   )
+  runguard.raise_if_preempted(result, workdir)
   return result
 
 
@@ -604,7 +633,7 @@ def run_teacher(config, workdir: str):
 
   Also trains non-distilled students. Checkpoints (the last one at the final
   step) go to `workdir/checkpoints`: the folder `config.teacher.checkpoint`
-  names later.
+  names later. Raises `runguard.Preempted` when SIGTERM stopped it.
   """
   from fdistill_jax.data import tasks
 
@@ -621,6 +650,7 @@ def run_teacher(config, workdir: str):
     data_fn=_ground_truth_data(config, task, "train"),
     eval_fn=_default_eval(config, task),
   )
+  runguard.raise_if_preempted(result, workdir)
   return result
 
 
