@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill_jax import models
+from fdistill_jax import models, objectives, train
 from fdistill_jax import records as rec
 from fdistill_jax import sampled_divergences as SD
 from fdistill_jax import teacher_pass as tp
 from fdistill_jax.data import reader as reader_lib
+from tests import _train_helpers as h
 from tests.test_teacher_pass import PASS, run_pass, tiny_teacher
 
 STRATIFIED = dataclasses.replace(
@@ -206,3 +207,80 @@ def test_inconsistent_cache_configs_raise_naming_the_config(changes, message):
   with pytest.raises(ValueError, match=message) as error:
     dataclasses.replace(PASS, **changes)
   assert "config.teacher_pass" in str(error.value)
+
+
+# ---------------------------------------------------------------------------
+# The trainer reads sampled caches.
+# ---------------------------------------------------------------------------
+
+
+def _stratified_batch(teacher, num_samples=3):
+  """`_train_helpers.make_batch(0, teacher)` plus tail draws from the same teacher."""
+  batch = h.make_batch(0, teacher)
+  b, n, t = batch["teacher_tokens"].shape
+  logits = models.forward(
+    teacher,
+    np.repeat(batch["inputs"], n, 0),
+    np.ones((b * n, h.S), np.float32),
+    batch["teacher_tokens"].reshape(b * n, t),
+    batch["teacher_mask"].reshape(b * n, t),
+  ).logits
+  logp = jax.nn.log_softmax(logits, -1).reshape(b, n, t, -1)
+  ids, lp, _ = tp.draw_tail_samples(
+    logp, jnp.asarray(batch["teacher_topk_ids"]), jax.random.key(0), num_samples
+  )
+  mask = batch["teacher_mask"][..., None]
+  batch["teacher_sample_ids"] = (np.asarray(ids) * mask).astype(np.int32)
+  batch["teacher_sample_logprobs"] = (np.asarray(lp) * mask).astype(np.float32)
+  return batch
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+  return models.build_model(h.model_config(), rngs=0), models.build_model(h.model_config(), rngs=1)
+
+
+def _one_step(objective, student, teacher, batch, fused):
+  c = h.config(objective, fused_head=fused, learning_rate=1e-3)
+  obj = objectives.ObjectiveConfig.from_config(c.objective)
+  fs, ft = train.Frozen(student), train.Frozen(teacher)
+  tx = train.make_optimizer(c.train)
+  step_fn = train.make_train_step(
+    obj, fs, tx, teacher=ft, sampler=h.sampler_for(objective),
+    num_teacher_samples=c.train.num_teacher_samples, max_target_len=h.T,
+    use_topk=obj.use_teacher_topk, fused_head=fused,
+  )  # fmt: skip
+  mesh = train.make_mesh({"data": 1})
+  state, shardings = train.init_state(fs, tx, 0, mesh)
+  tparams = jax.device_put(ft.params, ft.shardings(mesh))
+  step = train.jit_step(step_fn, shardings, mesh)
+  _, metrics = step(state, train.put_batch(batch, mesh), tparams)
+  return jax.device_get(metrics)
+
+
+def test_the_kl_step_uses_the_tail_draws_fused_and_unfused(tiny_models):
+  student, teacher = tiny_models
+  batch = _stratified_batch(teacher)
+  unfused = _one_step("kl", student, teacher, batch, fused=False)
+  fused = _one_step("kl", student, teacher, batch, fused=True)
+  for key in unfused:
+    np.testing.assert_allclose(fused[key][0], unfused[key][0], rtol=1e-5, atol=1e-6, err_msg=key)
+  plain = {k: v for k, v in batch.items() if not k.startswith("teacher_sample")}
+  topk = _one_step("kl", student, teacher, plain, fused=False)
+  # The top-k form is a lower bound; the stratified estimate of this batch is not that.
+  assert float(unfused["loss"][0]) != float(topk["loss"][0])
+
+
+def test_the_unfused_js_objective_refuses_a_sampled_cache(tiny_models):
+  student, teacher = tiny_models
+  with pytest.raises(ValueError, match="no sampled-cache form"):
+    _one_step("js", student, teacher, _stratified_batch(teacher), fused=False)
+
+
+def test_check_records_names_the_expected_form(stratified):
+  out, manifest = stratified
+  obj = objectives.ObjectiveConfig.from_config(h.config("kl").objective)
+  vocab, fingerprint = manifest["spec"]["vocab_size"], manifest["tokenizer_fingerprint"]
+  train.check_records(str(out), obj, vocab, fingerprint, "topk+sampled")
+  with pytest.raises(rec.RecordError, match="run expects 'topk'"):
+    train.check_records(str(out), obj, vocab, fingerprint, "topk")

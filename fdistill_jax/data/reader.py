@@ -42,6 +42,12 @@ from absl import logging
 from fdistill_jax import records as rec
 
 TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logmass")
+# Batch keys of a sampled teacher cache -> the `fused_head.TeacherTopK` fields they fill.
+SAMPLE_KEYS = {
+  "teacher_sample_ids": "sample_ids",
+  "teacher_sample_logprobs": "sample_logprobs",
+  "teacher_proposal_logprobs": "proposal_logprobs",
+}
 
 
 def open_manifest(
