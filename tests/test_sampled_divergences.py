@@ -253,16 +253,18 @@ def _plain(name, cache, logits, **params):
 
 
 @pytest.mark.parametrize(
-  "name,params,vocab_chunk_size,impl",
+  "name,params,vocab_chunk_size,impl,k",
   [
-    ("kl", {}, None, "custom_vjp"),
-    ("js", {"beta": 0.85}, None, "checkpoint"),
-    ("tvd", {}, 16, "custom_vjp"),
-    ("rkl", {}, 16, "checkpoint"),
-    ("alpha", {"alpha": 0.5}, 16, "custom_vjp"),
+    ("kl", {}, None, "custom_vjp", 5),
+    ("js", {"beta": 0.85}, None, "checkpoint", 5),
+    ("tvd", {}, 16, "custom_vjp", 5),
+    ("rkl", {}, 16, "checkpoint", 5),
+    ("alpha", {"alpha": 0.5}, 16, "custom_vjp", 5),
+    ("kl", {}, None, "custom_vjp", 0),  # the sampled form: no top-k
+    ("js", {}, 16, "checkpoint", 0),
   ],
 )
-def test_fused_head_equals_unfused(name, params, vocab_chunk_size, impl):
+def test_fused_head_equals_unfused(name, params, vocab_chunk_size, impl, k):
   rng = np.random.default_rng(4)
   lead, d, vocab = (3, 7), 16, 50
   hidden = jnp.asarray(rng.normal(size=(*lead, d)), jnp.float32)
@@ -270,7 +272,7 @@ def test_fused_head_equals_unfused(name, params, vocab_chunk_size, impl):
   weights = np.ones(lead, np.float32)
   weights[0, 4:] = 0.0
   weights = jnp.asarray(weights)
-  cache = _small_cache(lead=lead, vocab=vocab)
+  cache = _small_cache(lead=lead, vocab=vocab, k=k)
 
   def fused(h, w):
     return fused_head.fused_divergence_loss(
