@@ -27,7 +27,12 @@ def teacher_pass_config(**overrides) -> ml_collections.ConfigDict:
   c.sampler = "beam_search"  # decoding method (fdistill_jax.decoding); the paper: beam search
   # Method parameters, e.g. num_beams, temperature, top_k, top_p, length_penalty.
   c.sampler_params = ml_collections.ConfigDict({"num_beams": 4})
-  c.top_k = 64  # teacher log-probs kept per position (K)
+  c.top_k = 64  # teacher log-probs kept per position (K); 0 with cache_form "sampled"
+  # Teacher cache (docs/teacher-cache.md): "topk" (top-k + tail mass, a lower bound),
+  # "sampled" (S tail draws, unbiased) or "topk+sampled" (exact top-k, sampled tail).
+  c.cache_form = "topk"
+  c.num_tail_samples = 0  # S tokens drawn per position from outside the top-k (0 for "topk")
+  c.proposal_temperature = 1.0  # tail proposal p^(1/T); != 1 also stores its log-probs
   c.logprob_dtype = "bfloat16"  # storage of top-k log-probs: "bfloat16" or "float16"
   c.store_full_logprobs = False  # also store [N, T, V] log-probs (small vocabularies only)
   c.records_per_shard = 1024  # one shard = a fixed range of example indices; keep % batch_size == 0

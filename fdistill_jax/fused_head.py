@@ -26,7 +26,9 @@ for very large vocabularies. The per-chunk math then runs under
 
 Teacher forms (exactly one):
   * `teacher_topk=TeacherTopK(logprobs [..., K], ids [..., K], tail_logmass
-    [...] | None)`: the offline records' top-k (see `divergences.topk_divergence`).
+    [...] | None)`: the offline records' top-k (see `divergences.topk_divergence`);
+    with `sample_ids`, `sample_logprobs` (and `proposal_logprobs`) `[..., S]`
+    the unbiased sampled estimator (`sampled_divergences.sampled_divergence`).
   * `teacher_logits=[..., V]`: full teacher logits (any float dtype).
   * `teacher_hidden=[..., Dt]` with `teacher_head=(W_t [Dt, V], scale_t)`:
     the teacher's logits are computed chunk by chunk as well.
@@ -48,18 +50,25 @@ import jax
 import jax.numpy as jnp
 
 from fdistill_jax import divergences
+from fdistill_jax import sampled_divergences as sampled
 
 Array = jax.Array
 NEG_INF = divergences.NEG_INF
 
 
 class TeacherTopK(NamedTuple):
-  """The teacher's top-k at each token: log-probs `[..., K]`, ids `[..., K]`,
-  log tail mass `[...]` (None: derived from the top-k)."""
+  """A teacher cache at each token: top-k log-probs `[..., K]`, ids `[..., K]`,
+  log tail mass `[...]` (None: derived from the top-k), and optionally S tail
+  tokens drawn from a proposal (`sampled_divergences`): ids `[..., S]`, their
+  teacher log-probs `[..., S]` and proposal log-probs `[..., S]` (None: the
+  proposal is the teacher). Without samples it is the top-k + tail form."""
 
   logprobs: Array
   ids: Array
   tail_logmass: Array | None = None
+  sample_ids: Array | None = None
+  sample_logprobs: Array | None = None
+  proposal_logprobs: Array | None = None
 
 
 def fused_divergence_loss(
@@ -188,6 +197,18 @@ def _teacher_arrays(lead, vocab, topk, logits, hidden, head):
     out = {"lp_k": topk.logprobs, "ids": topk.ids}
     if topk.tail_logmass is not None:
       out["tail"] = topk.tail_logmass
+    if topk.sample_ids is not None:
+      samples = {"sample_ids": topk.sample_ids, "sample_lp": topk.sample_logprobs}
+      if topk.proposal_logprobs is not None:
+        samples["proposal_lp"] = topk.proposal_logprobs
+      for key, value in samples.items():
+        if value is None or value.shape[:-1] != lead or value.shape != topk.sample_ids.shape:
+          raise ValueError(
+            f"teacher_topk sample_ids, sample_logprobs and proposal_logprobs must be "
+            f"[{lead}, S]; sample_ids is {topk.sample_ids.shape}, {key} is "
+            f"{None if value is None else value.shape}"
+          )
+      out.update(samples)
     return "topk", out
   if logits is not None:
     if logits.shape != (*lead, vocab):
@@ -226,7 +247,20 @@ def _chunk_loss(
     )
   else:
     student = _head(h, w, scale)
-    if kind == "topk":
+    if kind == "topk" and "sample_ids" in teacher:
+      values = sampled.sampled_divergence(
+        name,
+        teacher["lp_k"],
+        teacher["ids"],
+        student,
+        sample_ids=teacher["sample_ids"],
+        sample_logprobs=teacher["sample_lp"],
+        proposal_logprobs=teacher.get("proposal_lp"),
+        teacher_tail_logmass=teacher.get("tail"),
+        temperature=temperature,
+        **params,
+      )
+    elif kind == "topk":
       values = divergences.topk_divergence(
         name,
         teacher["lp_k"],
@@ -364,14 +398,17 @@ def _blocked_values(h, w, scale, teacher, name, kind, temperature, block, params
 
 
 def _blocked_topk(h, w, scale, teacher, name, temperature, student_block, starts, lse_q, params):
-  """Top-k + tail buckets with the student's tail mass summed block by block."""
+  """Top-k + tail buckets (and tail samples) with the student's tail mass summed block by block."""
   ids = teacher["ids"].astype(jnp.int32)
   block = student_block(starts[0]).shape[-1]
-  # Student logits at the top-k ids straight from the gathered head columns.
-  z_k = scale * jnp.einsum(
-    "cd,ckd->ck", h, jnp.take(w.T, ids, axis=0), preferred_element_type=jnp.float32
-  )
-  lq_k = divergences.floor_neg_inf(z_k / temperature - lse_q[:, None])
+
+  def student_at(columns):
+    """Student log-probs `[C, n]` at ids `[C, n]`, from the gathered head columns."""
+    z = scale * jnp.einsum(
+      "cd,ckd->ck", h, jnp.take(w.T, columns, axis=0), preferred_element_type=jnp.float32
+    )
+    return divergences.floor_neg_inf(z / temperature - lse_q[:, None])
+
   rows = jnp.arange(ids.shape[0])[:, None]
 
   @jax.checkpoint
@@ -384,19 +421,13 @@ def _blocked_topk(h, w, scale, teacher, name, temperature, student_block, starts
 
   lse_tail, _ = jax.lax.scan(body, jnp.full(ids.shape[:1], -jnp.inf, jnp.float32), starts)
   lq_tail = divergences.floor_neg_inf(lse_tail - lse_q)
-  student = jnp.concatenate([lq_k, lq_tail[:, None]], axis=-1)
-  teacher_lp = _teacher_buckets(teacher["lp_k"], teacher.get("tail"))
-  return divergences.divergence_from_log_probs(name, teacher_lp, student, **params)
-
-
-def _teacher_buckets(lp_k, tail):
-  """The teacher's K + 1 renormalised buckets, as in `divergences.topk_log_probs`."""
-  lp_k = jnp.maximum(lp_k.astype(jnp.float32), NEG_INF)
-  if tail is None:
-    head = jnp.sum(jnp.exp(lp_k), axis=-1)
-    has_tail = head < 1.0 - divergences._MIN_DERIVED_TAIL
-    tail = jnp.where(has_tail, jnp.log1p(-jnp.where(has_tail, head, 0.0)), NEG_INF)
-  tail = jnp.maximum(tail.astype(jnp.float32), NEG_INF)
-  buckets = jnp.concatenate([lp_k, tail[..., None]], axis=-1)
-  buckets = buckets - jax.nn.logsumexp(buckets, axis=-1, keepdims=True)
-  return jax.lax.stop_gradient(jnp.maximum(buckets, NEG_INF))
+  sample_ids = teacher.get("sample_ids", jnp.zeros((ids.shape[0], 0), jnp.int32)).astype(jnp.int32)
+  teacher_terms = sampled.teacher_side(
+    teacher["lp_k"],
+    teacher.get("tail"),
+    teacher.get("sample_lp", jnp.zeros(sample_ids.shape, jnp.float32)),
+    teacher.get("proposal_lp"),
+  )
+  return sampled.estimate(
+    name, teacher_terms, student_at(ids), lq_tail, student_at(sample_ids), **params
+  )

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fdistill_jax import divergences, stepwise
+from fdistill_jax import divergences, sampled_divergences, stepwise
 from fdistill_jax.fused_head import TeacherTopK
 
 Array = jax.Array
@@ -213,6 +213,20 @@ def _divergence_terms(cfg: ObjectiveConfig, name: str, src: Source, where: str, 
     )
     return values * mask
   topk = src.teacher_topk
+  if topk.sample_ids is not None:
+    values = sampled_divergences.sampled_divergence(
+      name,
+      topk.logprobs,
+      topk.ids,
+      src.student_logits,
+      sample_ids=topk.sample_ids,
+      sample_logprobs=topk.sample_logprobs,
+      proposal_logprobs=topk.proposal_logprobs,
+      teacher_tail_logmass=topk.tail_logmass,
+      temperature=cfg.temperature,
+      **params,
+    )
+    return values * mask
   values = divergences.topk_divergence(
     name,
     topk.logprobs,
@@ -243,6 +257,11 @@ def _js_side_terms(cfg: ObjectiveConfig, src: Source, side: str, where: str) -> 
   # Top-k teacher: the mixture is linear, so it coarsens to the K + 1 buckets
   # exactly; the bucketed KL(p || m) is a lower bound of the full one.
   topk = src.teacher_topk
+  if topk.sample_ids is not None:
+    raise ValueError(
+      f"source {where!r}: the unfused js objective has no sampled-cache form; use "
+      "train.fused_head=True, objective fdiv with divergence js, or cache_form 'topk'"
+    )
   lp, lq = divergences.topk_log_probs(
     topk.logprobs,
     topk.ids,

@@ -14,6 +14,14 @@ One `tf.train.Example` per input (schema version `SCHEMA_VERSION`):
 | `teacher_topk_ids` | bytes, int32 LE [N, T, K] | their ids |
 | `teacher_tail_logmass` | bytes, float32 LE [N, T] | log of the mass outside the top-k |
 | `teacher_full_logprobs` | bytes, bf16/f16 [N, T, V] | optional (small vocabularies) |
+| `teacher_sample_ids` | bytes, int32 LE [N, T, S] | tail tokens drawn from the proposal (S > 0) |
+| `teacher_sample_logprobs` | bytes, float32 LE [N, T, S] | their teacher log-probs (S > 0) |
+| `teacher_proposal_logprobs` | bytes, float32 LE [N, T, S] | their proposal log-probs (tempered) |
+
+The cache form (`RecordSpec.cache_form`, docs/teacher-cache.md) says which
+teacher features hold data: `topk` (K > 0, S = 0), `sampled` (K = 0: the top-k
+arrays are empty and the tail is the whole vocabulary) or `topk+sampled`.
+Manifests written before the form existed load as `topk`.
 
 Fixed-size arrays are raw little-endian bytes because parsing a batch of byte
 strings is several times faster than parsing long int64/float lists; positions
@@ -43,6 +51,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MARKER_SUFFIX = ".COMPLETED"
 LOGPROB_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+CACHE_FORMS = ("topk", "sampled", "topk+sampled")
 
 
 class RecordError(ValueError):
@@ -61,18 +70,44 @@ class RecordSpec:
   logprob_dtype: str = "bfloat16"  # storage dtype of top-k (and full) log-probs
   store_full_logprobs: bool = False  # also store [N, T, V] log-probs
   pad_id: int = 0
+  cache_form: str = "topk"  # which teacher cache the records hold: one of CACHE_FORMS
+  num_tail_samples: int = 0  # S tail tokens drawn per position (0 for "topk")
+  proposal_temperature: float = 1.0  # tail proposal p^(1/temperature); != 1 stores its log-probs
 
   def __post_init__(self):
     if self.logprob_dtype not in LOGPROB_DTYPES:
       raise RecordError(
         f"logprob_dtype must be one of {sorted(LOGPROB_DTYPES)}, found {self.logprob_dtype!r}"
       )
-    if not 0 < self.top_k <= self.vocab_size:
-      raise RecordError(f"top_k must be in [1, vocab_size={self.vocab_size}], found {self.top_k}")
+    check_cache_form(self.cache_form, self.top_k, self.num_tail_samples, self.vocab_size)
+    if not self.proposal_temperature > 0:
+      raise RecordError(f"proposal_temperature must be > 0, found {self.proposal_temperature}")
 
   @property
   def np_logprob_dtype(self):
     return np.dtype(LOGPROB_DTYPES[self.logprob_dtype])
+
+
+def check_cache_form(form: str, top_k: int, num_tail_samples: int, vocab_size: int | None):
+  """Raises `RecordError` unless (form, K, S) is a consistent teacher cache."""
+  if form not in CACHE_FORMS:
+    raise RecordError(f"cache_form must be one of {list(CACHE_FORMS)}, found {form!r}")
+  want_k, want_s = form != "sampled", form != "topk"
+  if want_k and not 0 < top_k <= (vocab_size or top_k):
+    raise RecordError(
+      f"cache_form {form!r}: top_k must be in [1, vocab_size={vocab_size}], found {top_k}"
+    )
+  if not want_k and top_k != 0:
+    raise RecordError(f"cache_form 'sampled' stores no top-k: top_k must be 0, found {top_k}")
+  if want_s and num_tail_samples < 1:
+    raise RecordError(
+      f"cache_form {form!r}: num_tail_samples must be >= 1, found {num_tail_samples}"
+    )
+  if not want_s and num_tail_samples != 0:
+    raise RecordError(
+      f"cache_form 'topk' draws no tail samples: num_tail_samples must be 0, found "
+      f"{num_tail_samples} (use 'topk+sampled')"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -101,6 +136,12 @@ def _fixed_arrays(spec: RecordSpec) -> dict[str, tuple[tuple[int, ...], np.dtype
   }
   if spec.store_full_logprobs:
     arrays["teacher_full_logprobs"] = ((n, t, v), lp)
+  s = spec.num_tail_samples
+  if s:
+    arrays["teacher_sample_ids"] = ((n, t, s), np.dtype("<i4"))
+    arrays["teacher_sample_logprobs"] = ((n, t, s), np.dtype("<f4"))
+    if spec.proposal_temperature != 1.0:
+      arrays["teacher_proposal_logprobs"] = ((n, t, s), np.dtype("<f4"))
   return arrays
 
 
@@ -117,6 +158,9 @@ def encode_example(
   teacher_topk_ids: np.ndarray,
   teacher_tail_logmass: np.ndarray,
   teacher_full_logprobs: np.ndarray | None = None,
+  teacher_sample_ids: np.ndarray | None = None,
+  teacher_sample_logprobs: np.ndarray | None = None,
+  teacher_proposal_logprobs: np.ndarray | None = None,
 ) -> bytes:
   """Serialises one input's teacher outputs; shapes as in the module table."""
   example_pb2, feature_pb2 = _tf_train()
@@ -140,6 +184,15 @@ def encode_example(
     if teacher_full_logprobs is None:
       raise RecordError("spec.store_full_logprobs is set but no full log-probs were given")
     values["teacher_full_logprobs"] = teacher_full_logprobs
+  samples = dict(
+    teacher_sample_ids=teacher_sample_ids,
+    teacher_sample_logprobs=teacher_sample_logprobs,
+    teacher_proposal_logprobs=teacher_proposal_logprobs,
+  )
+  for name in _fixed_arrays(spec).keys() & samples.keys():
+    if samples[name] is None:
+      raise RecordError(f"example {example_index}: cache_form {spec.cache_form!r} needs {name}")
+    values[name] = samples[name]
 
   def ints(v):
     return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=np.asarray(v).tolist()))

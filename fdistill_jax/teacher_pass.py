@@ -4,7 +4,9 @@ For every input of a task split, one jitted step (data-parallel over this
 process's devices) draws N teacher sequences with the sampler of
 `fdistill_jax.decoding`, re-reads them teacher-forced, and keeps at every
 position the log-prob of the sampled token, the top-k log-probs and ids, and
-the log-mass outside the top-k. A writer thread encodes and writes finished
+the log-mass outside the top-k, and for a sampled teacher cache
+(`cache_form` `sampled` or `topk+sampled`, docs/teacher-cache.md) S tail
+tokens drawn from the teacher outside the top-k. A writer thread encodes and writes finished
 shards (`fdistill_jax.records`) while the devices work on the next batch.
 
 Restarts: shard `i` always holds the examples at positions
@@ -54,6 +56,9 @@ class PassConfig:
   sampler: str = "sample"
   sampler_params: tuple = ()  # sorted (name, value) pairs, e.g. temperature, top_p
   top_k: int = 64
+  cache_form: str = "topk"  # "topk", "sampled" (top_k = 0) or "topk+sampled"
+  num_tail_samples: int = 0  # S tail tokens drawn per position (forms with samples)
+  proposal_temperature: float = 1.0  # tail proposal p^(1/temperature) outside the top-k
   logprob_dtype: str = "bfloat16"
   store_full_logprobs: bool = False
   records_per_shard: int = 1024
@@ -76,6 +81,16 @@ class PassConfig:
     values["mesh"] = tuple(dict(mesh).items()) if hasattr(mesh, "items") else tuple(mesh)
     return cls(**values)
 
+  def __post_init__(self):
+    try:
+      rec.check_cache_form(self.cache_form, self.top_k, self.num_tail_samples, None)
+    except rec.RecordError as e:
+      raise ValueError(f"config.teacher_pass: {e}") from None
+    if not self.proposal_temperature > 0:
+      raise ValueError(
+        f"config.teacher_pass.proposal_temperature must be > 0, found {self.proposal_temperature}"
+      )
+
 
 # ---------------------------------------------------------------------------
 # The jitted step.
@@ -85,29 +100,77 @@ class PassConfig:
 def topk_and_tail(logp: jax.Array, k: int):
   """logp [..., V] normalised log-probs -> top-k values, ids [..., K] and tail [...].
 
-  The tail is `divergences.logsumexp_outside` the top-k; -inf when k == V.
+  The tail is `divergences.logsumexp_outside` the top-k; -inf when k == V,
+  0 (the whole vocabulary) when k == 0.
   """
+  if k == 0:
+    empty = jnp.zeros((*logp.shape[:-1], 0))
+    return empty, empty.astype(jnp.int32), jnp.zeros(logp.shape[:-1])
   values, ids = jax.lax.top_k(logp, k)
   tail = divergences.logsumexp_outside(logp, ids, fill=-jnp.inf)
   return values, ids.astype(jnp.int32), tail
+
+
+def draw_tail_samples(
+  logp: jax.Array, topk_ids: jax.Array, key: jax.Array, num_samples: int, temperature: float = 1.0
+):
+  """S i.i.d. draws per position from the teacher's distribution outside its top-k.
+
+  Args:
+    logp: `[..., V]` normalised teacher log-probs.
+    topk_ids: `[..., K]` the stored top-k ids (K may be 0: the whole vocabulary).
+    key: one PRNG key for all positions.
+    num_samples: S.
+    temperature: the proposal is r ∝ p^(1/temperature) on the tail, renormalised
+      (1: the teacher restricted to the tail).
+
+  Returns:
+    ids `[..., S]` int32, the teacher's log-probs of them `[..., S]` and their
+    proposal log-probs log r `[..., S]` (the importance weights are 1/r). A
+    position whose tail is empty gets uniform draws, which the estimator
+    ignores (`sampled_divergences.estimate`).
+  """
+  logp = jnp.maximum(logp.astype(jnp.float32), divergences.NEG_INF)
+  in_topk = jnp.put_along_axis(
+    jnp.zeros(logp.shape, bool), topk_ids.astype(jnp.int32), True, axis=-1, inplace=False
+  )
+  logits_r = jnp.where(in_topk, divergences.NEG_INF, logp / temperature)
+  log_r = jax.nn.log_softmax(logits_r, axis=-1)
+  draws = jax.random.categorical(key, logits_r, axis=-1, shape=(num_samples, *logp.shape[:-1]))
+  ids = jnp.moveaxis(draws, 0, -1).astype(jnp.int32)
+  return (
+    ids,
+    jnp.take_along_axis(logp, ids, axis=-1),
+    jnp.maximum(jnp.take_along_axis(log_r, ids, axis=-1), divergences.NEG_INF),
+  )
 
 
 def _teacher_outputs(model, pc: PassConfig, sampler: Sampler, inputs, input_mask, indices, key):
   """One batch: inputs [B, S], input_mask [B, S], indices [B] -> record arrays.
 
   Returns tokens, token_logprobs, tail [B, N, T]; topk_logprobs, topk_ids
-  [B, N, T, K]; lengths [B, N]; optionally full_logprobs [B, N, T, V].
+  [B, N, T, K]; lengths [B, N]; optionally full_logprobs [B, N, T, V] and
+  sample_ids, sample_logprobs (proposal_logprobs) [B, N, T, S].
   Positions past a sequence's length are zero (tokens: pad_id).
   """
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
   result = sampler(model, inputs, input_mask, keys)
   tokens, lengths = result.tokens, result.lengths
-  t = tokens.shape[-1]
+  n, t = tokens.shape[1:]
   valid = jnp.arange(t) < lengths[..., None]  # [B, N, T]
+  # Tail draws of (example i, sequence j) use fold_in(fold_in(tail_root, i), j):
+  # a stream apart from the sampler's fold_in(key, i), and per-example, so
+  # records do not depend on the batch an example lands in.
+  tail_root = jax.random.split(key)[1]
+  tail_keys = jax.vmap(
+    lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(tail_root, i), j))(
+      jnp.arange(n)
+    )
+  )(indices)  # [B, N]
 
   def score_one(args):
     # One sample per input at a time: the [B, T, V] log-probs, not [B, N, T, V].
-    toks, mask = args  # [B, T]
+    toks, mask, sample_keys = args  # [B, T], [B, T], [B]
     logits = models.forward(model, inputs, input_mask, toks, mask.astype(jnp.float32)).logits
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     token_lp = jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]
@@ -120,9 +183,20 @@ def _teacher_outputs(model, pc: PassConfig, sampler: Sampler, inputs, input_mask
     )
     if pc.store_full_logprobs:
       out["teacher_full_logprobs"] = jnp.where(mask[..., None], logp, 0.0)
+    if pc.num_tail_samples:
+      draw = functools.partial(
+        draw_tail_samples, num_samples=pc.num_tail_samples, temperature=pc.proposal_temperature
+      )
+      s_ids, s_lp, r_lp = jax.vmap(draw)(logp, ids, sample_keys)
+      out["teacher_sample_ids"] = jnp.where(mask[..., None], s_ids, 0)
+      out["teacher_sample_logprobs"] = jnp.where(mask[..., None], s_lp, 0.0)
+      if pc.proposal_temperature != 1.0:
+        out["teacher_proposal_logprobs"] = jnp.where(mask[..., None], r_lp, 0.0)
     return out
 
-  per_sample = jax.lax.map(score_one, (tokens.swapaxes(0, 1), valid.swapaxes(0, 1)))
+  per_sample = jax.lax.map(
+    score_one, (tokens.swapaxes(0, 1), valid.swapaxes(0, 1), tail_keys.swapaxes(0, 1))
+  )
   out = {name: value.swapaxes(0, 1) for name, value in per_sample.items()}
   out["teacher_tokens"] = jnp.where(valid, tokens, model.config.pad_id).astype(jnp.int32)
   out["teacher_lengths"] = lengths.astype(jnp.int32)
@@ -286,6 +360,9 @@ def teacher_pass(
     logprob_dtype=pc.logprob_dtype,
     store_full_logprobs=pc.store_full_logprobs,
     pad_id=cfg.pad_id,
+    cache_form=pc.cache_form,
+    num_tail_samples=pc.num_tail_samples,
+    proposal_temperature=pc.proposal_temperature,
   )
   num_examples = sum(1 for _ in _shards_flat(task, pc))
   if num_examples == 0:

@@ -440,11 +440,18 @@ def _ground_truth_data(config, task, split: str):
   return data_fn
 
 
-def check_records(directory: str, obj_cfg, vocab_size: int, tokenizer_fingerprint: str | None):
+def check_records(
+  directory: str,
+  obj_cfg,
+  vocab_size: int,
+  tokenizer_fingerprint: str | None,
+  expected_cache_form: str | None = None,
+):
   """Raises a clear error for records the run cannot use; reads only the manifest.
 
   Checks the pass finished, the vocabulary size, the tokenizer fingerprint
-  and, when the objective reads the teacher's top-k, that the records hold it.
+  and, when the objective reads the teacher's top-k, that the records hold it
+  (a top-k or a sampled teacher cache, of `expected_cache_form` when given).
   """
   from fdistill_jax import records
   from fdistill_jax.data import reader
@@ -454,12 +461,15 @@ def check_records(directory: str, obj_cfg, vocab_size: int, tokenizer_fingerprin
     # Before `open_manifest`: a spec without top-k fails there with a less
     # helpful message.
     top_k = (manifest.get("spec") or {}).get("top_k", 0)
-    if not top_k:
+    if not top_k and not (manifest.get("spec") or {}).get("num_tail_samples", 0):
       where = os.path.join(directory, records.MANIFEST_NAME)
       found = f"these records were written with top_k={top_k}"
       raise ValueError(f"{where}: " + _topk_fix(found, readable=False))
   reader.open_manifest(
-    directory, expected_vocab_size=vocab_size, expected_fingerprint=tokenizer_fingerprint
+    directory,
+    expected_vocab_size=vocab_size,
+    expected_fingerprint=tokenizer_fingerprint,
+    expected_cache_form=expected_cache_form,
   )
 
 
@@ -475,7 +485,8 @@ def _records_data(config, workdir: str, vocab_size: int, tokenizer_fingerprint: 
   tc = config.train
   directory = records.records_dir(config, workdir)
   obj_cfg = objectives.ObjectiveConfig.from_config(config.objective)
-  check_records(directory, obj_cfg, vocab_size, tokenizer_fingerprint)
+  cache_form = (config.get("teacher_pass") or {}).get("cache_form")  # the form the run expects
+  check_records(directory, obj_cfg, vocab_size, tokenizer_fingerprint, cache_form)
 
   def data_fn(position):
     return RecordReader(

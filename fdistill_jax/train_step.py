@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fdistill_jax import models, objectives, sharding
+from fdistill_jax.data.reader import SAMPLE_KEYS
 from fdistill_jax.fused_head import TeacherTopK, fused_divergence_loss
 
 Array = jax.Array
@@ -263,6 +264,11 @@ def make_train_step(
           _fit_length(_flatten_samples(batch["teacher_topk_logprobs"], n), length, 0.0),
           _fit_length(_flatten_samples(batch["teacher_topk_ids"], n), length, 0),
           _fit_length(_flatten_samples(batch["teacher_tail_logmass"], n), length, 0.0),
+          **{
+            field: _fit_length(_flatten_samples(batch[key], n), length, 0)
+            for key, field in SAMPLE_KEYS.items()
+            if key in batch
+          },
         )
         extras["token_logprobs"] = _fit_length(
           _flatten_samples(batch["teacher_token_logprobs"], n), length, 0.0

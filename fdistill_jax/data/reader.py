@@ -43,6 +43,12 @@ from fdistill_jax import record_checks
 from fdistill_jax import records as rec
 
 TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logmass")
+# Batch keys of a sampled teacher cache -> the `fused_head.TeacherTopK` fields they fill.
+SAMPLE_KEYS = {
+  "teacher_sample_ids": "sample_ids",
+  "teacher_sample_logprobs": "sample_logprobs",
+  "teacher_proposal_logprobs": "proposal_logprobs",
+}
 
 
 def open_manifest(
@@ -50,14 +56,17 @@ def open_manifest(
   *,
   expected_vocab_size: int | None = None,
   expected_fingerprint: str | None = None,
+  expected_cache_form: str | None = None,
 ) -> tuple[dict, rec.RecordSpec]:
   """Reads `directory`'s manifest and checks it against the caller's vocabulary.
 
   Cheap (the manifest and each shard's first record): the trainer calls it
   before building models, so a wrong record folder stops a run before
   anything compiles. Raises `RecordError` naming the manifest for an
-  unfinished pass, a bad spec or one the shards do not have, or a vocabulary
-  size or tokenizer fingerprint other than the expected one.
+  unfinished pass, a bad spec or one the shards do not have, a vocabulary
+  size or tokenizer fingerprint other than the expected one, or a teacher
+  cache form (`topk`, `sampled`, `topk+sampled`; manifests without one are
+  `topk`) other than `expected_cache_form`.
   """
   manifest = rec.read_manifest(directory)
   where = os.path.join(directory, rec.MANIFEST_NAME)
@@ -86,6 +95,13 @@ def open_manifest(
       f"{expected_fingerprint}; rerun the teacher pass with this task, or point "
       "teacher_pass.out_dir at records made with its tokenizer"
     )
+  if expected_cache_form is not None and expected_cache_form != spec.cache_form:
+    raise rec.RecordError(
+      f"{where}: records hold the teacher cache form {spec.cache_form!r} (top_k="
+      f"{spec.top_k}, num_tail_samples={spec.num_tail_samples}), the run expects "
+      f"{expected_cache_form!r}; rerun the teacher pass with teacher_pass.cache_form="
+      f"{expected_cache_form!r} or train with the records' form"
+    )
   return manifest, spec
 
 
@@ -101,6 +117,7 @@ class RecordReader:
     max_target_len: int | None = None,
     expected_vocab_size: int | None = None,
     expected_fingerprint: str | None = None,
+    expected_cache_form: str | None = None,
     seed: int = 0,
     shuffle: bool = True,
     shuffle_buffer: int = 1024,
@@ -123,6 +140,7 @@ class RecordReader:
         T above it pads.
       expected_vocab_size / expected_fingerprint: the student's vocabulary;
         a mismatch raises.
+      expected_cache_form: the teacher cache form the run reads (None: any).
       drop_remainder: if False, the last batch of an epoch is padded to
         `batch_size` with all-zero masks and `example_index` -1.
     """
@@ -131,6 +149,7 @@ class RecordReader:
       directory,
       expected_vocab_size=expected_vocab_size,
       expected_fingerprint=expected_fingerprint,
+      expected_cache_form=expected_cache_form,
     )
     where = os.path.join(directory, rec.MANIFEST_NAME)
     self.max_input_len = max_input_len or self.spec.max_input_len
@@ -229,7 +248,8 @@ class RecordReader:
       out[mask_key] = tf.sequence_mask(ragged.row_lengths(), length, tf.float32)
     for name, (shape, dtype) in fixed.items():
       array = tf.io.decode_raw(p[name], tf.as_dtype(dtype), little_endian=True)
-      array = tf.reshape(array, [-1, *shape])
+      # The batch size spelled out: -1 cannot be inferred for K = 0 (sampled form).
+      array = tf.reshape(array, [tf.shape(p[name])[0], *shape])
       stored_t = shape[1]
       if t < stored_t:
         array = array[:, :, :t]
