@@ -74,20 +74,10 @@ def acceptance_rate(result: SpeculativeResult) -> Array:
   Every accept/reject test is counted once (drafts after a rejection are
   never tested), so this estimates the mean of 1 - TVD(p, q) over the tested
   positions; accepted / drafted is the fraction of drafting work kept.
+  `metrics.expected_tokens_per_step` turns a rate into tokens per step.
   """
   accepted = jnp.sum(result.accepted).astype(jnp.float32)
   return accepted / jnp.maximum(accepted + jnp.sum(result.rejected), 1.0)
-
-
-def expected_tokens_per_step(alpha, gamma: int):
-  """Leviathan et al.'s expected tokens per verification step, (1 - a^(g+1)) / (1 - a).
-
-  For a per-token acceptance rate `alpha` constant across positions; alpha = 1
-  gives gamma + 1.
-  """
-  alpha = jnp.asarray(alpha, jnp.float32)
-  safe = jnp.where(alpha < 1.0, alpha, 0.5)
-  return jnp.where(alpha < 1.0, (1.0 - safe ** (gamma + 1)) / (1.0 - safe), gamma + 1.0)
 
 
 class _Loop(NamedTuple):
@@ -192,7 +182,7 @@ def speculative_sample(
       state, token = carry
       logits, state = draft.extend(state, token[:, None])
       q = probs(logits[:, 0])  # [R, V]
-      token = pick(step_keys[:, jnp.minimum(i, g - 1)], q)
+      token = pick(step_keys[:, jnp.minimum(i, g - 1)], q)  # step g: drawn, never used
       return (state, token), (token, q)
 
     (draft_state, _), (drafts, qs) = jax.lax.scan(
