@@ -64,8 +64,8 @@ class SpeculativeResult(NamedTuple):
   decode: DecodeResult  # tokens, target log-probs (temperature 1), lengths: as `decoding`
   steps: Array  # [B, n] int32 verification steps (target calls) per row
   drafted: Array  # [B, n] int32 draft tokens proposed (gamma per step)
-  accepted: Array  # [B, n] int32 draft tokens the target accepted
-  rejected: Array  # [B, n] int32 steps that ended in a rejection (< gamma accepted)
+  accepted: Array  # [B, n] int32 draft tokens the target accepted (up to EOS)
+  rejected: Array  # [B, n] int32 steps that ended in a rejection (before EOS)
 
 
 def acceptance_rate(result: SpeculativeResult) -> Array:
@@ -221,6 +221,9 @@ def speculative_sample(
     emitted = jnp.where(valid, emitted, pad_id)
     logp = jax.nn.log_softmax(target_logits, axis=-1)
     emitted_lp = jnp.take_along_axis(logp, emitted[..., None], axis=-1)[..., 0] * valid
+    # Tests of drafts after an emitted EOS judge contexts no output has: not counted.
+    tested = jnp.minimum(num_ok + (num_ok < g), count)
+    accepted = jnp.minimum(num_ok, count)
     active = ~c.done
     act = active.astype(jnp.int32)
     lengths = c.lengths + count * act
@@ -241,8 +244,8 @@ def speculative_sample(
       tokens=jnp.where(active[:, None], _write(c.tokens, emitted, c.lengths), c.tokens),
       logprobs=jnp.where(active[:, None], _write(c.logprobs, emitted_lp, c.lengths), c.logprobs),
       lengths=lengths,
-      accepted=c.accepted + num_ok * act,
-      rejected=c.rejected + (num_ok < g) * act,
+      accepted=c.accepted + accepted * act,
+      rejected=c.rejected + (tested - accepted) * act,
       steps=c.steps + act,
     )
 

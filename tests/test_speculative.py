@@ -204,6 +204,17 @@ def test_draft_distribution_is_rejected_by_the_same_test():
 # -- acceptance rate ----------------------------------------------------------------
 
 
+def test_drafts_after_an_accepted_eos_are_not_counted():
+  """Draft == target except after EOS: every counted test accepts."""
+  target, draft = _table(5, steps=8), _table(5, steps=8)
+  draft[:, EOS] = _table(6, steps=8)[:, EOS]  # only contexts no output reaches differ
+  n = 2000
+  keys = decoding.example_keys(jax.random.key(4), jnp.arange(n))
+  got = _run_fake(target, draft, jnp.full((n,), 2, jnp.int32), keys, gamma=4, max_len=T)
+  assert np.any(got.decode.lengths < T)  # EOS was drafted and accepted mid-block
+  assert got.rejected.sum() == 0 and got.accepted.sum() > 0
+
+
 def test_acceptance_rate_is_one_minus_tvd():
   """Position-independent p, q: every accept test is Bernoulli(sum min(p, q)).
 
