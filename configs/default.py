@@ -36,6 +36,7 @@ def pipeline_config() -> ml_collections.ConfigDict:
   c.eval_samples = 8  # ancestral samples per input: precision, mode coverage, KL/RKL estimates
   c.eval_batch_size = 64  # inputs per evaluation batch
   c.eval_seed = 0  # sampling key of example i is fold_in(key(eval_seed), i)
+  c.draft_lengths = (2, 4, 8)  # speculative draft lengths for tokens_per_step_gamma<g>
   c.plots = True  # write PNG plots next to results.md
   return c
 

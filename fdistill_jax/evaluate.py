@@ -14,6 +14,10 @@ how models, checkpoints and samplers are wired:
   coverage risk and, on the synthetic task, the exact KL(p*||q).
 * `teacher_decode_fn(batch)`: n (the paper: 5) teacher samples per input,
   for TeacherDist and the coverage risk.
+* `acceptance_fn(batch, tokens [B, T] int32, mask [B, T] f32) -> [B, T]`:
+  1 - TVD(p_teacher, q_student) at each position of `tokens` (the
+  probability that speculative sampling accepts the student's draft there),
+  averaged over the positions of the teacher's and of the student's samples.
 
 `evaluate_model(...)` returns a flat dict of floats (see metrics.py for
 scales) plus sacrebleu signatures; `run(config, workdir)` evaluates a
@@ -95,6 +99,8 @@ def evaluate_model(
   teacher_score_fn=None,
   student_score_fn=None,
   teacher_decode_fn=None,
+  acceptance_fn=None,
+  draft_lengths=(),
   log_floor: float = float(np.log(1e-6)),
   return_outputs: bool = False,
 ) -> dict:
@@ -110,6 +116,11 @@ def evaluate_model(
   `token_logprobs`; valid for pure ancestral sampling; invalid outputs get
   log p* = `log_floor`, since the true RKL is infinite once q puts mass
   outside p*'s support; `precision` says how often that happened).
+  With `acceptance_fn`: `acceptance_student` (over the student samples'
+  positions) and, with `teacher_decode_fn`, `acceptance_teacher` (over the
+  teacher samples', the prefixes speculative sampling actually visits) and
+  `tokens_per_step_gamma<g>` for each g in `draft_lengths` (Leviathan et al.'s
+  expected tokens per verification step at alpha = `acceptance_teacher`).
   With `return_outputs`, `outputs` lists per-example dicts.
   """
   tok = task.tokenizer
@@ -120,6 +131,7 @@ def evaluate_model(
   llh, cvg = [], []
   kl_probs, kl_logq = [], []
   teacher_token_samples = []
+  accept = {"student": [], "teacher": []}  # (acceptance [N, T], mask [N, T]) per batch
   outputs = []
 
   for bi, batch in enumerate(
@@ -155,6 +167,10 @@ def evaluate_model(
       lq = (np.asarray(tlp, np.float64) * smask).sum(-1)  # [B, n]
       logq_samples += list(lq[keep])
 
+    if acceptance_fn is not None:
+      a = _score_flat(acceptance_fn, batch, tokens, smask)
+      accept["student"].append((a[keep], smask[keep]))
+
     if teacher_score_fn is not None:
       first = tokens[:, :1]
       lp = _score_flat(teacher_score_fn, batch, first, smask[:, :1])
@@ -171,6 +187,9 @@ def evaluate_model(
             for s, sm in zip(t_tok[i], t_mask[i], strict=True)
           ]
         )
+      if acceptance_fn is not None:
+        a = _score_flat(acceptance_fn, batch, t_tok, t_mask)
+        accept["teacher"].append((a[keep], t_mask[keep]))
       if student_score_fn is not None:
         lp = _score_flat(student_score_fn, batch, t_tok, t_mask)
         cvg.append((lp[keep].reshape(-1, lp.shape[-1]), t_mask[keep].reshape(-1, lp.shape[-1])))
@@ -209,6 +228,17 @@ def evaluate_model(
   if cvg:
     r = metrics.nll_risk(np.concatenate([a for a, _ in cvg]), np.concatenate([m for _, m in cvg]))
     out["coverage_risk_token"], out["coverage_risk_seq"] = r["per_token"], r["per_sequence"]
+  for side, parts in accept.items():
+    if parts:
+      out[f"acceptance_{side}"] = metrics.acceptance_rate(
+        np.concatenate([a.reshape(-1, a.shape[-1]) for a, _ in parts]),
+        np.concatenate([m.reshape(-1, m.shape[-1]) for _, m in parts]),
+      )
+  if "acceptance_teacher" in out:
+    for g in draft_lengths:
+      out[f"tokens_per_step_gamma{g}"] = float(
+        metrics.expected_tokens_per_step(out["acceptance_teacher"], g)
+      )
   if has_modes:
     out["precision"] = metrics.precision(samples_text, modes_list)
     cov = metrics.mode_coverage(samples_text, modes_list)

@@ -8,8 +8,13 @@ likelihood risk (student samples scored by the teacher) and coverage risk
 synthetic task, whose true distribution p* is known: precision, mode coverage
 and sequence-level KL(p*||q) / RKL(q||p*).
 
+Drafts: a student used as the draft of speculative sampling has, at each
+position, acceptance probability 1 - TVD(p_teacher, q_student) (Leviathan et
+al. 2023), and the expected tokens per verification step follow from it.
+
 Scales: BLEU/chrF/TER/ROUGE, distinct-n, TeacherDist, precision and coverage
-are percentages (0-100); NLLs, KL and RKL are in nats.
+are percentages (0-100); NLLs, KL and RKL are in nats; acceptance rates are
+fractions (0-1).
 """
 
 from __future__ import annotations
@@ -230,3 +235,35 @@ def exact_kl_from_modes(mode_probs, mode_logq) -> float:
   lq = np.asarray(mode_logq, np.float64)
   terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - lq), 0.0)
   return float(terms.sum(-1).mean())
+
+
+# ------------------------------------------------------------------------------
+# Drafts for speculative decoding.
+# ------------------------------------------------------------------------------
+
+
+def acceptance_rate(acceptance, mask) -> float:
+  """Mean per-token acceptance over the masked positions.
+
+  acceptance [..., T]: 1 - TVD(p, q) at each position (in [0, 1]), mask
+  [..., T] (1 on real tokens, EOS included). Every position weighs the same.
+  """
+  acceptance = np.asarray(acceptance, np.float64)
+  mask = np.asarray(mask, np.float64)
+  total = mask.sum()
+  if total == 0:
+    raise ValueError("acceptance_rate: the mask selects no position")
+  return float((acceptance * mask).sum() / total)
+
+
+def expected_tokens_per_step(alpha, gamma: int):
+  """Expected tokens emitted per verification step with `gamma` drafts (Leviathan et al.).
+
+  (1 - alpha^(gamma + 1)) / (1 - alpha) for a per-token acceptance `alpha`
+  (scalar or array) taken as the same at every position: the accepted drafts
+  plus the target's own token. alpha = 1 gives gamma + 1, alpha = 0 gives 1.
+  """
+  alpha = np.asarray(alpha, np.float64)
+  below = alpha < 1.0
+  safe = np.where(below, alpha, 0.0)
+  return np.where(below, (1.0 - safe ** (gamma + 1)) / (1.0 - safe), gamma + 1.0)

@@ -34,7 +34,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import decoding, models, objectives, records, runguard, teacher_pass, train
+from fdistill_jax import (
+  decoding,
+  divergences,
+  models,
+  objectives,
+  records,
+  runguard,
+  teacher_pass,
+  train,
+)
 from fdistill_jax.data import tasks
 
 # Columns of the results table: (key in the metrics, header, format).
@@ -48,6 +57,7 @@ COLUMNS = (
   ("likelihood_risk_token", "R_llh", "{:.3f}"),
   ("coverage_risk_token", "R_cvg", "{:.3f}"),
   ("distinct2", "distinct-2 %", "{:.1f}"),
+  ("acceptance_teacher", "draft accept", "{:.3f}"),
 )
 
 
@@ -106,6 +116,16 @@ def _decode(graphdef, sampler: decoding.ModelSampler, seed: int, state, inputs, 
   return sampler(nnx.merge(graphdef, state), inputs, input_mask, keys)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _acceptance(
+  teacher_def, student_def, teacher_state, student_state, inputs, input_mask, tokens, mask
+):
+  """[B, T] 1 - TVD(p_teacher, q_student) at each position of tokens [B, T] (0 where mask is 0)."""
+  p = models.forward(nnx.merge(teacher_def, teacher_state), inputs, input_mask, tokens).logits
+  q = models.forward(nnx.merge(student_def, student_state), inputs, input_mask, tokens).logits
+  return (1.0 - divergences.tvd(p, q)) * mask
+
+
 # Module-level jits with the graph definition static: every student shares one
 # architecture, so each function compiles once for the whole evaluation.
 
@@ -117,6 +137,26 @@ def _scorer(model):
     return _score(graphdef, state, batch["inputs"], batch["input_mask"], tokens, mask)
 
   return score_fn
+
+
+def _acceptor(teacher, student):
+  """acceptance_fn(batch, tokens, mask) for `evaluate.evaluate_model`."""
+  teacher_def, teacher_state = nnx.split(teacher)
+  student_def, student_state = nnx.split(student)
+
+  def acceptance_fn(batch, tokens, mask):
+    return _acceptance(
+      teacher_def,
+      student_def,
+      teacher_state,
+      student_state,
+      batch["inputs"],
+      batch["input_mask"],
+      tokens,
+      mask,
+    )
+
+  return acceptance_fn
 
 
 def _decoder(model, sampler: decoding.ModelSampler, seed: int, cache: dict | None = None):
@@ -140,6 +180,8 @@ def _decoder(model, sampler: decoding.ModelSampler, seed: int, cache: dict | Non
 def evaluate(config, task, model, teacher, teacher_cache: dict | None = None) -> dict:
   """Distribution metrics from ancestral samples, quality metrics from greedy outputs.
 
+  A student is also rated as a speculative draft for the teacher (acceptance
+  1 - TVD and expected tokens per step at `pipeline.draft_lengths`).
   `teacher_cache` keeps the teacher's samples (the same for every student:
   same keys) across calls.
   """
@@ -161,6 +203,8 @@ def evaluate(config, task, model, teacher, teacher_cache: dict | None = None) ->
     teacher_score_fn=_scorer(teacher),
     student_score_fn=_scorer(model),
     teacher_decode_fn=_decoder(teacher, teacher_samples, p.eval_seed + 1, teacher_cache),
+    acceptance_fn=None if model is teacher else _acceptor(teacher, model),
+    draft_lengths=tuple(p.draft_lengths),
     **common,
   )
   greedy = decoding.make_model_sampler("greedy", max_len=max_len)
@@ -242,7 +286,12 @@ def _write_report(workdir: str, config, rows: dict, timings: dict, runs: dict):
     "NLL of teacher samples under the student. RKL(q||p*) is a Monte Carlo "
     "estimate in which invalid samples get log p* = log 1e-6: the true RKL is "
     "infinite whenever precision < 100%, so this is only a floor-regularised "
-    "figure, and it can be negative for models that rarely produce valid outputs.",
+    "figure, and it can be negative for models that rarely produce valid outputs. "
+    "draft accept: the student as a speculative-decoding draft for the teacher, "
+    "mean per-token acceptance 1 - TVD(p_teacher, q_student) over the positions "
+    "of teacher samples (results.json also has it over student samples, "
+    "acceptance_student, and the expected tokens per verification step "
+    "tokens_per_step_gamma<g>).",
     "",
     table,
     "",

@@ -331,3 +331,29 @@ def test_learned_positions_past_the_table_raise():
     M.forward(model, inputs, input_mask, targets, target_mask)
   with pytest.raises(ValueError, match="max_positions=8"):
     M.init_decode_state(model, inputs, input_mask, 4)
+
+
+@pytest.mark.parametrize("name", ["t5-tiny", "bart-tiny", "llama-tiny", "gpt2-tiny"])
+def test_extend_and_rewind_match_teacher_forcing(name):
+  """Multi-token `extend`s with per-row `rewind`s in between give the teacher-forced logits."""
+  model = M.build_model(M.get_preset(name), 0)
+  inputs, input_mask, targets, _ = _batch(model.config, seed=8)
+  full = M.forward(model, inputs, input_mask, targets).logits  # [B, T, V]
+  state = M.init_decode_state(model, inputs, input_mask, T + 2)
+  start = M.start_tokens(model, inputs, input_mask)
+  fed = jnp.concatenate([start[:, None], jnp.asarray(targets[:, :-1])], axis=1)  # [B, T]
+  logits, state = M.extend(model, state, fed[:, :2])
+  chex.assert_shape(logits, (B, 2, model.config.vocab_size))
+  chex.assert_trees_all_close(logits, full[:, :2], atol=1e-4, rtol=0)
+  # fed[:, 2] and two junk tokens; rows 0 and 2 keep fed[:, 2], row 1 forgets it too.
+  junk = jnp.full((B, 2), 5, jnp.int32)
+  logits, state = M.extend(model, state, jnp.concatenate([fed[:, 2:3], junk], axis=1))
+  chex.assert_trees_all_close(logits[:, 0], full[:, 2], atol=1e-4, rtol=0)
+  state = M.rewind(model, state, jnp.array([2, 3, 2]))
+  # Equal-length blocks: rows 0 and 2 need fed[:, 3:] (one junk token after), row 1 fed[:, 2:].
+  block = jnp.where(
+    jnp.array([0, 1, 0])[:, None] > 0, fed[:, 2:], jnp.concatenate([fed[:, 3:], junk[:, :1]], 1)
+  )
+  logits, _ = M.extend(model, state, block)
+  chex.assert_trees_all_close(logits[1], full[1, 2:], atol=1e-4, rtol=0)
+  chex.assert_trees_all_close(logits[::2, :-1], full[::2, 3:], atol=1e-4, rtol=0)

@@ -24,11 +24,16 @@ def test_main_job_writes_table_json_and_plots(tmp_path):
     for key in ("bleu", "precision", "coverage_weighted", "kl", "likelihood_risk_token"):
       assert key in m, (name, key)
     assert 0.0 <= m["precision"] <= 100.0
+    # Students are rated as speculative drafts for the teacher; the teacher is not.
+    assert ("acceptance_teacher" in m) == (name != "teacher"), name
+    if name != "teacher":
+      assert 0.0 < m["acceptance_teacher"] <= 1.0 and 0.0 < m["acceptance_student"] <= 1.0
+      assert 1.0 <= m["tokens_per_step_gamma4"] <= 5.0
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
   assert set(saved["models"]) == set(rows)
   table = open(os.path.join(workdir, "results.md")).read()
-  assert "| rkl |" in table and "coverage" in table
+  assert "| rkl |" in table and "coverage" in table and "draft accept" in table
   for png in ("quality_vs_coverage.png", "training_curves.png"):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000
   # A second run finds every stage finished and reuses the stored evaluations.

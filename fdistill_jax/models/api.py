@@ -87,3 +87,22 @@ def init_decode_state(model: Model, inputs, input_mask, max_len: int):
 def decode_step(model: Model, state, tokens):
   """Feeds tokens [B] int32 -> (logits [B, V] float32 for the next token, new state)."""
   return model.decode_step(state, tokens.astype(jnp.int32))
+
+
+def extend(model: Model, state, tokens):
+  """Feeds tokens [B, L] int32 in one cached forward -> (logits [B, L, V] float32, new state).
+
+  Equal to L `decode_step`s (logits[:, i] predicts the token after tokens[:, i])
+  but one call, as a speculative verifier needs. The cache must have room:
+  `init_decode_state` with a `max_len` covering every slot ever written.
+  """
+  return model.extend(state, tokens.astype(jnp.int32))
+
+
+def rewind(model: Model, state, num):
+  """Forgets the last num [B] int32 tokens fed to each row (0 <= num <= tokens fed).
+
+  Their cache slots are unmarked and overwritten by the next feeds, so rows
+  can be rolled back by different amounts without changing any shape.
+  """
+  return model.rewind(state, num.astype(jnp.int32))

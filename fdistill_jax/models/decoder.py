@@ -30,7 +30,6 @@ S + max_len slots; padded prompt slots stay masked.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -167,11 +166,23 @@ class DecoderOnly(nnx.Module):
 
   def decode_step(self, state, tokens):
     """tokens [B] -> (logits [B, V] float32, new state)."""
+    logits, state = self.extend(state, tokens[:, None])
+    return logits[:, 0], state
+
+  def extend(self, state, tokens):
+    """tokens [B, L] fed at once -> (logits [B, L, V] float32, new state), as L decode_steps."""
     index, pos = state["index"], state["pos"]
-    lc = state["kv_mask"].shape[1]
-    kv_mask = jnp.maximum(state["kv_mask"], jax.nn.one_hot(index, lc, dtype=jnp.float32))
+    n = tokens.shape[1]
+    kv_mask = L.written_mask(state["kv_mask"], index, n)
+    positions = pos[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
     hidden, _, caches = self._run(
-      tokens[:, None], pos[:, None], L.mask_bias(kv_mask), state["cache"], index
+      tokens, positions, L.cache_bias(index, n, kv_mask), state["cache"], index
     )
-    logits = L.logits_from_hidden(hidden[:, 0], *self.head())
-    return logits, dict(state, cache=caches, kv_mask=kv_mask, index=index + 1, pos=pos + 1)
+    logits = L.logits_from_hidden(hidden, *self.head())
+    return logits, dict(state, cache=caches, kv_mask=kv_mask, index=index + n, pos=pos + n)
+
+  def rewind(self, state, num):
+    """Forgets the last num [B] tokens fed to each row."""
+    index = state["index"] - num
+    kv_mask = L.forget_after(state["kv_mask"], index)
+    return dict(state, kv_mask=kv_mask, index=index, pos=state["pos"] - num)

@@ -35,7 +35,6 @@ The decoder starts from `config.start_id` (T5: pad, BART: eos).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -234,15 +233,21 @@ class EncoderDecoder(nnx.Module):
 
   def decode_step(self, state, tokens):
     """tokens [B] -> (logits [B, V] float32, new state)."""
+    logits, state = self.extend(state, tokens[:, None])
+    return logits[:, 0], state
+
+  def extend(self, state, tokens):
+    """tokens [B, L] fed at once -> (logits [B, L, V] float32, new state), as L decode_steps."""
     index = state["index"]
+    n = tokens.shape[1]
     lc = state["kv_mask"].shape[1]
-    kv_mask = jnp.maximum(state["kv_mask"], jax.nn.one_hot(index, lc, dtype=jnp.float32))
-    pos = index[:, None]
-    bias = L.mask_bias(kv_mask)
+    kv_mask = L.written_mask(state["kv_mask"], index, n)
+    pos = index[:, None] + jnp.arange(n, dtype=jnp.int32)[None]  # [B, L]
+    bias = L.cache_bias(index, n, kv_mask)
     if self.t5:
       bias = bias + self.decoder.rel_bias(pos, jnp.arange(lc, dtype=jnp.int32)[None])
     hidden, _, caches = self._decode(
-      tokens[:, None],
+      tokens,
       pos,
       bias,
       state["cross"],
@@ -250,5 +255,10 @@ class EncoderDecoder(nnx.Module):
       state["cache"],
       index,
     )
-    logits = L.logits_from_hidden(hidden[:, 0], *self.head())
-    return logits, dict(state, cache=caches, kv_mask=kv_mask, index=index + 1)
+    logits = L.logits_from_hidden(hidden, *self.head())
+    return logits, dict(state, cache=caches, kv_mask=kv_mask, index=index + n)
+
+  def rewind(self, state, num):
+    """Forgets the last num [B] tokens fed to each row."""
+    index = state["index"] - num
+    return dict(state, kv_mask=L.forget_after(state["kv_mask"], index), index=index)

@@ -199,6 +199,32 @@ def causal_bias(q_slots, k_slots, key_mask):
   return ((1.0 - visible) * NEG_INF)[:, None]
 
 
+def cache_bias(index, length: int, kv_mask):
+  """Bias for `length` queries at cache slots index + [0, length) over a cache.
+
+  Query i sees the written slots (`kv_mask`) up to its own slot. index [B] int,
+  kv_mask [B, Lc] -> [B, 1, length, Lc] float32.
+  """
+  q_slots = index[:, None] + jnp.arange(length, dtype=jnp.int32)[None]  # [B, L]
+  k_slots = jnp.arange(kv_mask.shape[1], dtype=jnp.int32)
+  visible = (k_slots[None, None, :] <= q_slots[:, :, None]).astype(jnp.float32)
+  visible = visible * kv_mask.astype(jnp.float32)[:, None, :]
+  return ((1.0 - visible) * NEG_INF)[:, None]
+
+
+def written_mask(kv_mask, index, length: int):
+  """kv_mask [B, Lc] with slots index + [0, length) marked written."""
+  slots = jnp.arange(kv_mask.shape[1], dtype=jnp.int32)[None]
+  new = (slots >= index[:, None]) & (slots < index[:, None] + length)
+  return jnp.maximum(kv_mask, new.astype(jnp.float32))
+
+
+def forget_after(kv_mask, index):
+  """kv_mask [B, Lc] with every slot >= index [B] unmarked (a rewound cache)."""
+  slots = jnp.arange(kv_mask.shape[1], dtype=jnp.int32)[None]
+  return kv_mask * (slots < index[:, None]).astype(kv_mask.dtype)
+
+
 def rope(x, positions, theta):
   """Rotary embedding, Hugging Face "rotate_half" layout: x [B, L, H, Dh], positions [B, L]."""
   dh = x.shape[-1]
