@@ -153,6 +153,15 @@ class SentencePieceTokenizer(Tokenizer):
     kept = [i for i in _stop_at_eos(ids, self._eos, self._pad) if i < n]
     return self._sp.decode(kept)
 
+  @property
+  def model_proto(self) -> bytes:
+    """The serialized SentencePiece model (what exporters write as `tokenizer.model`)."""
+    return self._proto
+
+  def piece(self, i: int) -> str:
+    """The piece of id `i`."""
+    return self._sp.id_to_piece(int(i))
+
   def _fingerprint_bytes(self) -> bytes:
     return self._proto + f"extra_ids={self._extra_ids}".encode()
 
@@ -205,6 +214,11 @@ class _HFBackedTokenizer(Tokenizer):
   @property
   def bos_id(self) -> int | None:
     return self._bos
+
+  @property
+  def backend(self):
+    """The `tokenizers.Tokenizer` doing the work (exporters save it as tokenizer.json)."""
+    return self._tok
 
   def encode(self, text: str) -> list[int]:
     return list(self._tok.encode(text, add_special_tokens=False).ids)
