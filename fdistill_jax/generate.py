@@ -120,6 +120,11 @@ def _experiment_model(config, g):
     if g.checkpoint:
       return train.load_model(config.teacher.model, g.checkpoint), g.checkpoint
     pretrained = config.teacher.get("pretrained")
+    if not pretrained and not config.teacher.checkpoint:
+      raise ValueError(
+        "generate.model='teacher': the experiment names no teacher weights (teacher.pretrained "
+        "or teacher.checkpoint); set generate.checkpoint."
+      )
     where = pretrained.path if pretrained else config.teacher.checkpoint
     return train.load_model(config.teacher.model, config.teacher.checkpoint, pretrained), where
   if g.checkpoint:

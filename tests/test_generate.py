@@ -153,6 +153,10 @@ def test_errors_come_before_the_model_loads(tmp_path, gguf_model):
   config.generate.top_p = None
   with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected an object with a string field"):
     generate.run(config, str(tmp_path))
+  # An experiment whose teacher has no weights is refused, not sampled at random.
+  teacher = _config("default", model="teacher", prompts=_prompts_file(tmp_path))
+  with pytest.raises(ValueError, match="names no teacher weights"):
+    generate.run(teacher, str(tmp_path))
   config.export.format = "gguf"
   config.export.dtype = "bfloat16"
   with pytest.raises(ValueError, match=r"export.dtype='bfloat16'.*\('f32', 'f16', 'q8_0'\)"):
