@@ -263,3 +263,26 @@ def test_export_mode_writes_both_formats(tmp_path, trained_student, gguf_model):
     load_tokenizer({"kind": "gguf", "path": path}),
   )
   assert tok.encode(chat.CHAT_TEXTS[0]) == source.encode(chat.CHAT_TEXTS[0])
+
+
+def test_interactive_session_appends_each_reply(tmp_path, gguf_model, monkeypatch, capsys):
+  path, _ = gguf_model
+  typed = iter(["hello there", "", "do you"])
+
+  def fake_input(prompt):
+    assert prompt == "> "
+    try:
+      return next(typed)
+    except StopIteration:
+      raise EOFError from None
+
+  monkeypatch.setattr("builtins.input", fake_input)
+  monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+  out = tmp_path / "chat.jsonl"
+  summary = generate.run(
+    _config(path, method="greedy", max_len=3, batch_size=1, output=str(out)), str(tmp_path)
+  )
+  rows = _rows(out)
+  assert [r["prompt"] for r in rows] == ["hello there", "do you"] and summary["prompts"] == 2
+  printed = capsys.readouterr().out
+  assert all(r["completion"] in printed for r in rows)
