@@ -16,7 +16,7 @@ from absl import logging
 
 from fdistill_jax import convert
 from fdistill_jax.convert import gguf_export, hf_export
-from fdistill_jax.generate import load_usable_model
+from fdistill_jax.generate import check_template, load_usable_model
 
 FORMATS = {"hf": hf_export.DTYPES, "gguf": gguf_export.DTYPES}
 
@@ -43,6 +43,7 @@ def run(config, workdir: str):
     logging.set_verbosity(logging.WARNING)
   e = config.export
   _check(e)
+  check_template(config.generate, config.generate.model != "pretrained")
   if e.tokenizer and config.generate.model != "pretrained":
     spec = config.task.get("tokenizer")
     kind = spec.get("kind") if spec else None

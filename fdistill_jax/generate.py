@@ -61,7 +61,30 @@ class UsableModel:
 
 
 def _has_chatml(tok: Tokenizer) -> bool:
-  return all(len(tok.encode(m)) == 1 for m in ("<|im_start|>", "<|im_end|>"))
+  """Whether ChatML's markers are single tokens of the vocabulary."""
+  for marker in ("<|im_start|>", "<|im_end|>"):
+    ids = tok.encode(marker)
+    if len(ids) != 1 or tok.decode_all(ids) != marker:
+      return False
+  return True
+
+
+def check_template(g, from_experiment: bool):
+  """Raises for template settings that cannot work, before anything loads."""
+  if g.template not in ("auto", "none") and "{source}" not in g.template:
+    raise ValueError(
+      f"generate.template={g.template!r}: expected 'auto', 'none' or a template containing "
+      "{source}."
+    )
+  if g.system_prompt and from_experiment and g.template == "auto":
+    raise ValueError(
+      "generate.system_prompt: an experiment's prompts use its task's system turn; set "
+      "task.system_prompt (or a generate.template with {system})."
+    )
+  if g.system_prompt and g.template == "none":
+    raise ValueError(
+      "generate.system_prompt is set, but generate.template='none' has no place for it."
+    )
 
 
 def _template(g, tok: Tokenizer, task, decoder_only: bool):
@@ -73,10 +96,6 @@ def _template(g, tok: Tokenizer, task, decoder_only: bool):
     name = (CHATML_SYSTEM * bool(g.system_prompt) + CHATML_USER) if _has_chatml(tok) else "none"
   if name == "none":
     return "{source}", not decoder_only, decoder_only
-  if "{source}" not in name:
-    raise ValueError(
-      f"generate.template={name!r}: expected 'auto', 'none' or a template containing {{source}}."
-    )
   return name.replace("{system}", g.system_prompt), not decoder_only, False
 
 
@@ -288,6 +307,7 @@ def run(config, workdir: str):
     logging.set_verbosity(logging.WARNING)
   g = config.generate
   sampler = make_sampler(g)
+  check_template(g, g.model != "pretrained")
   interactive = g.prompts in ("", "-") and sys.stdin.isatty()
   prompts = None
   if g.prompts not in ("", "-"):

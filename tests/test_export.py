@@ -6,6 +6,7 @@ the `gguf` package's own reader for what the file holds.
 """
 
 import importlib.util
+import io
 import json
 import os
 
@@ -13,8 +14,9 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentencepiece as spm
 
-from fdistill_jax import models
+from fdistill_jax import convert, models
 from fdistill_jax.convert import ConversionError, load_gguf, load_hf
 from fdistill_jax.convert.gguf import unpermute_rope_rows
 from fdistill_jax.convert.gguf_export import export_gguf, permute_rope_rows
@@ -257,3 +259,30 @@ def test_transformers_loads_the_export(tmp_path, model, tok_spec):
   assert rendered == text
   out = hf_model.generate(torch.tensor(ids[:1]), max_new_tokens=3, do_sample=False)
   assert out.shape[1] <= ids.shape[1] + 3
+
+
+def test_hf_export_of_a_sentencepiece_tokenizer(tmp_path):
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(chat.CORPUS),
+    model_writer=buf,
+    vocab_size=40,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+  )
+  (tmp_path / "sp.model").write_bytes(buf.getvalue())
+  spec = {"kind": "sentencepiece", "path": str(tmp_path / "sp.model")}
+  tok = load_tokenizer(spec)
+  for family, name in (("t5-tiny", "spiece.model"), ("llama-tiny", "tokenizer.model")):
+    m = models.build_model(models.get_preset(family, vocab_size=tok.vocab_size, eos_id=1), rngs=0)
+    folder = export_hf(m, tmp_path / family, tokenizer=spec)
+    assert (tmp_path / family / name).read_bytes() == buf.getvalue()
+    tok_cfg = json.load(open(os.path.join(folder, "tokenizer_config.json")))
+    assert (tok_cfg["eos_token"], tok_cfg["pad_token"]) == ("</s>", "<pad>")
+  # The library finds the LLaMA-style file again.
+  reread = load_tokenizer(convert.tokenizer_spec({"path": str(tmp_path / "llama-tiny")}))
+  assert reread.encode("hello there") == tok.encode("hello there")
+  with pytest.raises(ConversionError, match="SentencePiece tokenizers are not written to GGUF"):
+    export_gguf(m, tmp_path / "sp.gguf", tokenizer=spec)

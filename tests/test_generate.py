@@ -151,8 +151,15 @@ def test_errors_come_before_the_model_loads(tmp_path, gguf_model):
   with pytest.raises(ValueError, match=r"generate.*greedy.*top_p"):
     generate.run(config, str(tmp_path))
   config.generate.top_p = None
+  config.generate.template = "<|im_start|>user\n"
+  with pytest.raises(ValueError, match=r"generate.template=.*a template containing \{source\}"):
+    generate.run(config, str(tmp_path))
+  config.generate.template = "auto"
   with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected an object with a string field"):
     generate.run(config, str(tmp_path))
+  experiment = _config("default", system_prompt="be kind", prompts=_prompts_file(tmp_path))
+  with pytest.raises(ValueError, match="set task.system_prompt"):
+    generate.run(experiment, str(tmp_path))
   # An experiment whose teacher has no weights is refused, not sampled at random.
   teacher = _config("default", model="teacher", prompts=_prompts_file(tmp_path))
   with pytest.raises(ValueError, match="names no teacher weights"):

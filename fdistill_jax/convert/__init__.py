@@ -127,9 +127,11 @@ def tokenizer_spec(spec, missing_ok: bool = False) -> dict | None:
   if os.path.isfile(spiece):
     # T5 checkpoints size the embedding for 100 sentinel ids beyond the model file.
     return {"kind": "sentencepiece", "path": spiece, "extra_ids": 100}
+  if os.path.isfile(os.path.join(path, "tokenizer.model")):  # LLaMA-style SentencePiece
+    return {"kind": "sentencepiece", "path": os.path.join(path, "tokenizer.model")}
   if missing_ok:
     return None
   raise ConversionError(
-    f"No tokenizer.json, vocab.json or spiece.model in {path!r}; set the task's tokenizer "
-    "explicitly."
+    f"No tokenizer.json, vocab.json or spiece.model in {path!r} (nor a tokenizer.model); set "
+    "the task's tokenizer explicitly."
   )

@@ -204,6 +204,8 @@ def export_hf(model, folder: str, dtype: str | None = None, tokenizer=None) -> s
     config["torch_dtype"] = dtype
   if exported is not None:
     for name, data in exported.hf_files.items():
+      if name == "tokenizer.model" and cfg.family == "t5":
+        name = "spiece.model"  # T5Tokenizer's file name (LlamaTokenizer reads tokenizer.model)
       with open(os.path.join(folder, name), "wb") as f:
         f.write(data)
   generation = generation_config_dict(cfg, config.get("bos_token_id"))
