@@ -66,6 +66,9 @@ _PRESETS = {
     test_fraction=0.05,
     seed=0,
     source_template="<|im_start|>user\n{source}<|im_end|>\n<|im_start|>assistant\n",
+    # ChatML's system turn, used when system_prompt is set (e.g. to make the
+    # teacher chat rather than assist).
+    system_template="<|im_start|>system\n{system}<|im_end|>\n",
     input_eos=False,
     tokenizer=None,
   ),
@@ -78,8 +81,16 @@ def task_config(name: str = "synthetic", **overrides) -> ml_collections.ConfigDi
   """The preset `name` with `overrides` applied (unknown preset names raise ValueError)."""
   if name not in _PRESETS:
     raise ValueError(f"Task preset {name!r} is not one of {sorted(_PRESETS)}.")
-  values = dict(_PRESETS[name], name=name, max_examples=None, source_prefix="")
-  values.setdefault("source_template", "{source}")
+  # Defaults first, so that a preset's own values (wmt16's T5 prefix) win.
+  values = dict(
+    name=name,
+    max_examples=None,
+    source_prefix="",
+    source_template="{source}",
+    system_prompt="",
+    system_template="",
+  )
+  values.update(_PRESETS[name])
   values.update(overrides)
   # Fields that may be set later but start as None need a declared type.
   cfg = ml_collections.ConfigDict()

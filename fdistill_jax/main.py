@@ -26,6 +26,8 @@ MODES = {
   "distill": "fdistill_jax.train:run",
   "evaluate": "fdistill_jax.evaluate:run",
   "inspect": "fdistill_jax.record_checks:inspect_main",
+  "generate": "fdistill_jax.generate:run",
+  "export": "fdistill_jax.export:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -234,13 +234,15 @@ def inspect_main(config, workdir: str, num_records: int = 3):
   shards = len(manifest["shards"])
   print(f"  verified: {shards} of {manifest['num_shards']} shards, {total} records, all readable")
   text = (lambda ids: tokenizer.decode(list(ids))) if tokenizer else (lambda ids: list(ids))
+  # A prompt is shown as written (chat markers included), not cut at its first EOS.
+  prompt = (lambda ids: tokenizer.decode_all(list(ids))) if tokenizer else (lambda ids: list(ids))
   if not manifest["shards"]:
     return
   first = os.path.join(directory, manifest["shards"][0]["file"])
   for raw in tf.data.TFRecordDataset(first).take(num_records):
     r = rec.decode_example(spec, raw.numpy())
     print(f"\nexample {r['example_index']}")
-    print(f"  input:  {text(r['inputs'])}")
+    print(f"  input:  {prompt(r['inputs'])}")
     print(f"  target: {text(r['targets'])}")
     for n in range(spec.num_samples):
       length = r["teacher_lengths"][n]

@@ -36,6 +36,9 @@ class FakeTokenizer(Tokenizer):
     ids = ids[: ids.index(EOS)] if EOS in ids else ids
     return "".join(chr(ord("a") + (i - 2) % 26) for i in ids if i != PAD)
 
+  def _decode_all(self, ids):
+    return "".join("|" if i == EOS else chr(ord("a") + (i - 2) % 26) for i in ids)
+
   def _fingerprint_bytes(self):
     return b"fake-tokenizer-64"
 
@@ -294,7 +297,8 @@ def test_inspect_prints_manifest_and_decoded_records(reference, monkeypatch, cap
   out = capsys.readouterr().out
   assert "status: complete" in out and "3 of 3 shards, 10 records" in out
   first = next(FakeTask().examples("train"))
-  assert f"input:  {FakeTokenizer().decode(first['inputs'])}" in out
+  # Prompts are shown whole, EOS included (here written as "|").
+  assert f"input:  {FakeTokenizer().decode(first['inputs'])}|" in out
   assert out.count("teacher[1] (log p") == 2
 
 

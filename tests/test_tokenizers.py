@@ -199,6 +199,9 @@ def test_smollm2_gguf_tokenizer():
   assert ids[-2] == tok.eos_id
   assert tok._tok.decode(ids, skip_special_tokens=False) == prompt
   assert tok.decode(np.asarray(ids[1:])) == prompt[len("<|im_start|>") : -len("<|im_end|>\n")]
+  # A two-turn prompt as written: every <|im_start|> (SmolLM2's BOS) and <|im_end|> (EOS, pad).
+  two = prompt + "<|im_start|>assistant\n"
+  assert tok.decode_all(np.asarray(tok.encode(two) + [tok.pad_id] * 2)) == two
 
 
 def test_gguf_sentencepiece_tokenizer_matches_the_model_it_came_from(tmp_path):

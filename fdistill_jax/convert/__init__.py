@@ -9,9 +9,11 @@ ConfigDict or dict:
   any ModelConfig field (dtype, param_dtype, ...) overrides what the
   checkpoint says.
 
-`export_hf(model, folder)` writes a model (e.g. a distilled student) back as
-a Hugging Face folder. `tokenizer_spec(spec)` gives the matching `load_tokenizer` config: the GGUF's
-embedded BPE, or the folder's tokenizer.json / spiece.model.
+`export_hf(model, folder, tokenizer=spec)` writes a model (e.g. a distilled
+student) back as a Hugging Face folder with its tokenizer files;
+`export_gguf(model, path, tokenizer=spec, dtype="q8_0")` as a GGUF file.
+`tokenizer_spec(spec)` gives the matching `load_tokenizer` config: the
+GGUF's embedded BPE, or the folder's tokenizer.json / spiece.model.
 See docs/loading.md.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 
 from fdistill_jax.convert.gguf import load_gguf, read_gguf
+from fdistill_jax.convert.gguf_export import export_gguf
 from fdistill_jax.convert.hf import hf_model_config, load_hf, read_hf_config
 from fdistill_jax.convert.hf_export import export_hf
 from fdistill_jax.convert.params import ConversionError
@@ -29,6 +32,7 @@ __all__ = [
   "ConversionError",
   "copy_layers",
   "detect_kind",
+  "export_gguf",
   "export_hf",
   "load_gguf",
   "load_hf",
@@ -123,9 +127,11 @@ def tokenizer_spec(spec, missing_ok: bool = False) -> dict | None:
   if os.path.isfile(spiece):
     # T5 checkpoints size the embedding for 100 sentinel ids beyond the model file.
     return {"kind": "sentencepiece", "path": spiece, "extra_ids": 100}
+  if os.path.isfile(os.path.join(path, "tokenizer.model")):  # LLaMA-style SentencePiece
+    return {"kind": "sentencepiece", "path": os.path.join(path, "tokenizer.model")}
   if missing_ok:
     return None
   raise ConversionError(
-    f"No tokenizer.json, vocab.json or spiece.model in {path!r}; set the task's tokenizer "
-    "explicitly."
+    f"No tokenizer.json, vocab.json or spiece.model in {path!r} (nor a tokenizer.model); set "
+    "the task's tokenizer explicitly."
   )

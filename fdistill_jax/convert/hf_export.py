@@ -1,14 +1,17 @@
 """Project models -> Hugging Face checkpoint folders (the inverse of `load_hf`).
 
 A distilled student (or any project model) is written as `config.json` +
-`model.safetensors` in the layout transformers' `from_pretrained` reads
+`model.safetensors` (+ `generation_config.json`, and with a tokenizer its
+files: `tokenizer.json` or `tokenizer.model`, `tokenizer_config.json` with
+the special tokens and chat template, `special_tokens_map.json`) in the
+layout transformers' `from_pretrained` reads
 (T5ForConditionalGeneration, BartForConditionalGeneration /
 MBartForConditionalGeneration, LlamaForCausalLM, GPT2LMHeadModel). The
 tensor names come from the same tables `load_hf` reads through
 (`hf_layout.py`). A config the Hugging Face class cannot express (e.g. a
 GPT-2 with an untied head) is refused with a `ConversionError`.
 
-  export_hf(student, "/tmp/student-hf")
+  export_hf(student, "/tmp/student-hf", tokenizer=config.task.tokenizer, dtype="bfloat16")
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import os
 
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 
 from fdistill_jax.convert import hf_layout as layout
 from fdistill_jax.convert.params import ConversionError, model_params
+from fdistill_jax.convert.tokenizer_export import export_tokenizer
 from fdistill_jax.models import ModelConfig
 
 _T5_PROJ = {"relu": "relu", "gated-gelu": "gated-gelu", "swiglu": "gated-silu", "gelu": "gelu"}
@@ -160,16 +165,55 @@ def hf_tensors(model, dtype: str | None = None) -> dict[str, np.ndarray]:
   return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
 
-def export_hf(model, folder: str, dtype: str | None = None) -> str:
-  """Writes `model` as a Hugging Face folder (config.json + model.safetensors); returns it."""
-  import safetensors.numpy
+DTYPES = ("float32", "bfloat16", "float16")
 
-  config = hf_config_dict(model.config)
+
+def generation_config_dict(cfg: ModelConfig, bos_id: int | None) -> dict:
+  """generation_config.json: the special ids `generate` needs (it stops at `eos_token_id`)."""
+  out = {"eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id}
+  if bos_id is not None:
+    out["bos_token_id"] = bos_id
+  if cfg.is_encoder_decoder:
+    out["decoder_start_token_id"] = cfg.start_id
+  return out
+
+
+def export_hf(model, folder: str, dtype: str | None = None, tokenizer=None) -> str:
+  """Writes `model` as a Hugging Face folder; returns it.
+
+  Args:
+    dtype: tensor dtype, one of `DTYPES` (None: the parameters' dtype).
+    tokenizer: a `load_tokenizer` spec whose files go with the model (None:
+      weights and configs only). Its vocabulary must fit the embedding.
+  """
+  if dtype is not None and dtype not in DTYPES:
+    raise ConversionError(f"export_hf: dtype={dtype!r} is not one of {DTYPES}.")
+  cfg = model.config
+  config = hf_config_dict(cfg)
+  exported = None
+  if tokenizer is not None:
+    exported = export_tokenizer(tokenizer)
+    if exported.tokenizer.vocab_size > cfg.vocab_size:
+      raise ConversionError(
+        f"export_hf: the tokenizer has {exported.tokenizer.vocab_size} ids, the model's "
+        f"embedding only {cfg.vocab_size} rows."
+      )
+    if exported.bos_id is not None:
+      config["bos_token_id"] = exported.bos_id
   tensors = hf_tensors(model, dtype)
   folder = os.fspath(folder)
   os.makedirs(folder, exist_ok=True)
   if dtype is not None:
     config["torch_dtype"] = dtype
+  if exported is not None:
+    for name, data in exported.hf_files.items():
+      if name == "tokenizer.model" and cfg.family == "t5":
+        name = "spiece.model"  # T5Tokenizer's file name (LlamaTokenizer reads tokenizer.model)
+      with open(os.path.join(folder, name), "wb") as f:
+        f.write(data)
+  generation = generation_config_dict(cfg, config.get("bos_token_id"))
+  with open(os.path.join(folder, "generation_config.json"), "w") as f:
+    json.dump(generation, f, indent=2, sort_keys=True)
   # transformers refuses safetensors files without this format tag.
   safetensors.numpy.save_file(
     tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"}

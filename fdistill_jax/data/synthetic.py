@@ -278,6 +278,9 @@ class WordTokenizer(Tokenizer):
       out.append(self._itos[i] if 0 <= i < len(self._itos) else "<unk>")
     return " ".join(out)
 
+  def _decode_all(self, ids: list[int]) -> str:
+    return " ".join(self._itos[i] if 0 <= i < len(self._itos) else "<unk>" for i in ids)
+
   def _fingerprint_bytes(self) -> bytes:
     return "\n".join(self._itos).encode()
 

@@ -24,8 +24,10 @@ for a whitespace vocabulary built from the training split (tests, demos).
 Optional: `source_prefix` (prepended to every source, e.g. T5's task
 prefix), `source_template` (a format string with `{source}`, e.g. a chat
 template for a decoder-only prompt; applied after the prefix),
-`max_examples` (a cap for every split, or `{split: cap}`), `input_eos`
-(default True; False for prompts that end in a chat template); the word
+`system_prompt` with `system_template` (a format string with `{system}`:
+the system turn that opens every prompt, e.g. ChatML's; nothing when the
+prompt is empty), `max_examples` (a cap for every split, or `{split: cap}`),
+`input_eos` (default True; False for prompts that end in a chat template); the word
 tokenizer takes `split`, `min_count` and `max_words`.
 """
 
@@ -71,6 +73,8 @@ class Task:
     source_template: str = "{source}",
     max_examples: int | dict | None = None,
     input_eos: bool = True,
+    system_prompt: str = "",
+    system_template: str = "",
   ):
     self.name = name
     self.splits = tuple(splits)
@@ -79,8 +83,10 @@ class Task:
       raise ValueError(
         f"Task {name!r}: source_template={source_template!r} must contain '{{source}}'."
       )
-    # Prefix and template as one wrapper around the raw source.
-    self._wrap = source_template.replace("{source}", source_prefix + "{source}", 1)
+    # Prefix, system turn and template as one wrapper around the raw source.
+    self._wrap = _system_turn(name, system_prompt, system_template) + source_template.replace(
+      "{source}", source_prefix + "{source}", 1
+    )
     self._max_examples = max_examples
     # Encoder sources end in EOS; a decoder-only prompt that ends in its own
     # turn marker (a chat template) must not (`input_eos: False`).
@@ -163,6 +169,20 @@ class SyntheticTask(Task):
 # ------------------------------------------------------------------------------
 # Loaders: split name -> iterable of TextPair.
 # ------------------------------------------------------------------------------
+
+
+def _system_turn(name: str, system_prompt: str, system_template: str) -> str:
+  """The system turn that opens every prompt ("" without a system prompt)."""
+  if not system_prompt:
+    return ""
+  if "{system}" not in system_template:
+    raise ValueError(
+      f"Task {name!r}: system_prompt is set, so system_template must say where it goes "
+      f"(a template with {{system}}); found system_template={system_template!r}."
+    )
+  if "{source}" in system_prompt:
+    raise ValueError(f"Task {name!r}: system_prompt must not contain '{{source}}'.")
+  return system_template.replace("{system}", system_prompt)
 
 
 def _get(config, key, default=None):
@@ -425,6 +445,8 @@ def get_task(config) -> Task:
     source_template=_get(config, "source_template", "{source}"),
     max_examples=_get(config, "max_examples"),
     input_eos=_get(config, "input_eos", True),
+    system_prompt=_get(config, "system_prompt", ""),
+    system_template=_get(config, "system_template", ""),
   )
   if kind == "synthetic":
     return SyntheticTask(

@@ -42,7 +42,18 @@ class Tokenizer(abc.ABC):
 
   @abc.abstractmethod
   def decode(self, ids) -> str:
-    """Text of `ids`; stops at the first EOS and skips padding and BOS."""
+    """Text of generated `ids`: stops at the first EOS, skips padding and a leading BOS."""
+
+  def decode_all(self, ids) -> str:
+    """A whole sequence as written (a chat prompt, say): padding at either end is
+    removed, every other id is shown, special markers (BOS, EOS, ChatML's
+    `<|im_start|>`) included. Where padding is EOS (GPT-2, SmolLM2), a
+    trailing EOS counts as padding."""
+    return self._decode_all(_strip_padding(ids, self.pad_id))
+
+  def _decode_all(self, ids: list[int]) -> str:
+    """Text of every id in `ids`, special tokens written out."""
+    raise NotImplementedError(f"{type(self).__name__} cannot write out its special tokens.")
 
   @abc.abstractmethod
   def _fingerprint_bytes(self) -> bytes:
@@ -63,6 +74,17 @@ def _stop_at_eos(ids, eos_id: int, pad_id: int) -> list[int]:
     if i != pad_id:
       out.append(i)
   return out
+
+
+def _strip_padding(ids, pad_id: int) -> list[int]:
+  """`ids` without the runs of padding at either end (padding never sits inside)."""
+  ids = [int(i) for i in ids]
+  start, end = 0, len(ids)
+  while start < end and ids[start] == pad_id:
+    start += 1
+  while end > start and ids[end - 1] == pad_id:
+    end -= 1
+  return ids[start:end]
 
 
 def _check_file(path: str, what: str) -> str:
@@ -153,6 +175,38 @@ class SentencePieceTokenizer(Tokenizer):
     kept = [i for i in _stop_at_eos(ids, self._eos, self._pad) if i < n]
     return self._sp.decode(kept)
 
+  def _decode_all(self, ids: list[int]) -> str:
+    n = self._sp.get_piece_size()
+    out, run = [], []
+
+    def flush():
+      text = self._sp.decode(run)
+      # SentencePiece drops the space of a word-initial piece at the start of
+      # its input; after a special token it is text.
+      if out and run and self._sp.id_to_piece(run[0]).startswith("\u2581"):
+        text = " " + text
+      out.append(text)
+      run.clear()
+
+    for i in ids:
+      if i < n and not (self._sp.is_control(i) or self._sp.is_unknown(i)):
+        run.append(i)
+        continue
+      flush()
+      # T5's sentinels count down from the top id: <extra_id_0> is the highest.
+      out.append(self._sp.id_to_piece(i) if i < n else f"<extra_id_{n + self._extra_ids - 1 - i}>")
+    flush()
+    return "".join(out)
+
+  @property
+  def model_proto(self) -> bytes:
+    """The serialized SentencePiece model (what exporters write as `tokenizer.model`)."""
+    return self._proto
+
+  def piece(self, i: int) -> str:
+    """The piece of id `i`."""
+    return self._sp.id_to_piece(int(i))
+
   def _fingerprint_bytes(self) -> bytes:
     return self._proto + f"extra_ids={self._extra_ids}".encode()
 
@@ -206,14 +260,25 @@ class _HFBackedTokenizer(Tokenizer):
   def bos_id(self) -> int | None:
     return self._bos
 
+  @property
+  def backend(self):
+    """The `tokenizers.Tokenizer` doing the work (exporters save it as tokenizer.json)."""
+    return self._tok
+
   def encode(self, text: str) -> list[int]:
     return list(self._tok.encode(text, add_special_tokens=False).ids)
 
   def decode(self, ids) -> str:
     # BART-style models emit BOS as their first token (forced_bos_token_id);
-    # it is markup, not text. Other special tokens are kept.
-    kept = [i for i in _stop_at_eos(ids, self._eos, self._pad) if i != self._bos]
+    # it is markup, not text. Elsewhere it is text as written (ChatML's BOS
+    # is its turn marker), as are the other special tokens.
+    kept = _stop_at_eos(ids, self._eos, self._pad)
+    if kept and kept[0] == self._bos:
+      kept = kept[1:]
     return self._tok.decode(kept, skip_special_tokens=False)
+
+  def _decode_all(self, ids: list[int]) -> str:
+    return self._tok.decode(ids, skip_special_tokens=False)
 
   def _fingerprint_bytes(self) -> bytes:
     return self._tok.to_str().encode()
