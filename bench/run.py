@@ -29,6 +29,7 @@ BENCHMARKS = (
   ("records", ("fdistill_jax.data.reader",), "reader records/s vs step consumption"),
   ("train", ("fdistill_jax.train", "fdistill_jax.objectives"), "distill-step tokens/s"),
   ("mfu", ("fdistill_jax.train",), "student train-step model FLOP utilisation"),
+  ("speculative", ("fdistill_jax.speculative",), "distilled students as speculative drafts"),
 )
 
 
