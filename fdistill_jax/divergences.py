@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -296,6 +297,19 @@ def js(teacher_logits, student_logits, *, beta=0.5, temperature=1.0):
 def tvd(teacher_logits, student_logits, *, temperature=1.0):
   """1/2 sum |p - q| `[...]`."""
   return divergence("tvd", teacher_logits, student_logits, temperature=temperature)
+
+
+class TeacherTopK(NamedTuple):
+  """The teacher's top-k at each token, as the records store it.
+
+  logprobs `[..., K]`, ids `[..., K]`, tail_logmass `[...]` (log of the mass
+  outside the top-k; None: derived from the top-k). Read by `topk_log_probs`,
+  `topk_divergence` and `fused_head.fused_divergence_loss`.
+  """
+
+  logprobs: Array
+  ids: Array
+  tail_logmass: Array | None = None
 
 
 def logsumexp_outside(log_probs: Array, ids: Array, fill: float = NEG_INF) -> Array:

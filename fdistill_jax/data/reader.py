@@ -32,16 +32,17 @@ tokenizer fingerprint against the caller's, lengths, and (unless
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 
+import jax
 import numpy as np
 from absl import logging
 
 from fdistill_jax import records as rec
-
-TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logmass")
+from fdistill_jax.data import tasks
 
 
 def open_manifest(
@@ -231,10 +232,10 @@ class RecordReader:
         array = array[:, :, :t]
       elif t > stored_t:
         pad = [[0, 0], [0, 0], [0, t - stored_t]] + [[0, 0]] * (len(shape) - 2)
-        value = spec.pad_id if name == "teacher_tokens" else 0
+        value = spec.pad_id if name == rec.TEACHER_TOKENS else 0
         array = tf.pad(array, pad, constant_values=tf.cast(value, array.dtype))
       out[name] = array if dtype.kind == "i" else tf.cast(array, tf.float32)
-    out["teacher_mask"] = tf.sequence_mask(p["teacher_lengths"], t, tf.float32)
+    out[rec.TEACHER_MASK] = tf.sequence_mask(p["teacher_lengths"], t, tf.float32)
     return out
 
   def _epoch_dataset(self, epoch: int, skip_batches: int):
@@ -310,7 +311,7 @@ class RecordReader:
       pad = np.zeros((self.batch_size - size, *value.shape[1:]), value.dtype)
       if key == "example_index":
         pad -= 1
-      elif key in ("inputs", "targets", "teacher_tokens"):
+      elif key in ("inputs", "targets", rec.TEACHER_TOKENS):
         pad += self.spec.pad_id
       out[key] = np.concatenate([value, pad])
     return out
@@ -324,3 +325,126 @@ class RecordReader:
   def __del__(self):
     if hasattr(self, "_tmpdir"):
       self.close()
+
+
+# ---------------------------------------------------------------------------
+# The trainer's checks and data function.
+# ---------------------------------------------------------------------------
+
+
+def _topk_fix(found: str, *, readable: bool = True) -> str:
+  """The top-k error's text: what is expected, what was `found`, how to fix it.
+
+  `readable`: whether the data could train without top-k (a records spec
+  without top-k is not readable at all, so the second fix does not apply).
+  """
+  fix = "rerun the teacher pass with teacher_pass.top_k > 0"
+  if readable:
+    fix += ", or set objective.use_teacher_topk=False (the teacher model then runs at train time)"
+  return (
+    f"objective.use_teacher_topk=True reads the teacher's distribution from the records' "
+    f"top-k (batch keys {', '.join(rec.TOPK_KEYS)}), but {found}; {fix}"
+  )
+
+
+def check_batch_keys(batch: dict, keys: tuple[str, ...], where: str):
+  """A clear ValueError, instead of a KeyError while tracing, for a batch without `keys`.
+
+  keys: the plan's `batch_keys`; where: the data's origin, for the message.
+  """
+  missing = [k for k in keys if k not in batch]
+  if not missing:
+    return
+  found = f"the first batch from {where} has keys {sorted(batch)}"
+  if set(missing) & set(rec.TOPK_KEYS):
+    raise ValueError(_topk_fix(found))
+  raise ValueError(
+    f"the objective reads teacher sequences (batch keys {list(keys)}), but {found}; "
+    "train on teacher-pass records (see docs/internals.md)"
+  )
+
+
+def check_records(
+  directory: str, use_topk: bool, vocab_size: int, tokenizer_fingerprint: str | None
+) -> dict:
+  """The manifest of records the run can use; raises a clear error otherwise.
+
+  Checks the pass finished, the vocabulary size, the tokenizer fingerprint
+  and, when the plan reads the teacher's top-k (`use_topk`), that the records
+  hold it. Reads only the manifest.
+  """
+  manifest = rec.read_manifest(directory)
+  if use_topk:
+    # Before `open_manifest`: a spec without top-k fails there with a less
+    # helpful message.
+    top_k = (manifest.get("spec") or {}).get("top_k", 0)
+    if not top_k:
+      where = os.path.join(directory, rec.MANIFEST_NAME)
+      found = f"these records were written with top_k={top_k}"
+      raise ValueError(f"{where}: " + _topk_fix(found, readable=False))
+  open_manifest(
+    directory, expected_vocab_size=vocab_size, expected_fingerprint=tokenizer_fingerprint
+  )
+  return manifest
+
+
+def records_data_fn(
+  config, workdir: str, use_topk: bool, vocab_size: int, tokenizer_fingerprint: str | None = None
+):
+  """position -> `RecordReader` over the teacher-pass records; checks them now.
+
+  `tokenizer_fingerprint` is the task tokenizer's: records made with another
+  tokenizer raise (None skips the check).
+  """
+  tc = config.train
+  directory = rec.records_dir(config, workdir)
+  check_records(directory, use_topk, vocab_size, tokenizer_fingerprint)
+
+  def data_fn(position):
+    return RecordReader(
+      directory,
+      batch_size=tc.batch_size // jax.process_count(),
+      max_input_len=tc.max_input_len,
+      max_target_len=tc.max_target_len,
+      expected_vocab_size=vocab_size,
+      expected_fingerprint=tokenizer_fingerprint,
+      seed=tc.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      position=position,
+    )
+
+  return data_fn
+
+
+def inspect_main(config, workdir: str, num_records: int = 3):
+  """`--mode=inspect`: summarises a record folder and prints a few records as text."""
+  import tensorflow as tf  # as in `RecordReader`: TensorFlow only once records are read
+
+  directory = rec.records_dir(config, workdir)
+  manifest = rec.read_manifest(directory)
+  spec = rec.spec_from_manifest(manifest)
+  print(f"records: {directory}")
+  for key in ("status", "teacher", "task", "tokenizer_fingerprint", "sampler", "seed"):
+    print(f"  {key}: {manifest.get(key)}")
+  print(f"  spec: {dataclasses.asdict(spec)}")
+  total = sum(s["records"] for s in manifest["shards"])
+  print(f"  {len(manifest['shards'])} of {manifest['num_shards']} shards, {total} records")
+  tokenizer = None
+  if "task" in config:
+    tokenizer = tasks.get_task(config.task).tokenizer
+  if tokenizer is not None and tokenizer.fingerprint() != manifest["tokenizer_fingerprint"]:
+    print(f"  warning: task tokenizer {tokenizer.fingerprint()} differs from the records'")
+  text = (lambda ids: tokenizer.decode(list(ids))) if tokenizer else (lambda ids: list(ids))
+  if not manifest["shards"]:
+    return
+  first = os.path.join(directory, manifest["shards"][0]["file"])
+  for raw in tf.data.TFRecordDataset(first).take(num_records):
+    r = rec.decode_example(spec, raw.numpy())
+    print(f"\nexample {r['example_index']}")
+    print(f"  input:  {text(r['inputs'])}")
+    print(f"  target: {text(r['targets'])}")
+    for n in range(spec.num_samples):
+      length = r["teacher_lengths"][n]
+      logprob = float(r["teacher_token_logprobs"][n, :length].sum())
+      print(f"  teacher[{n}] (log p {logprob:.2f}): {text(r['teacher_tokens'][n, :length])}")
