@@ -2,8 +2,8 @@
 
   mfu/student_train_step = (step FLOPs / step seconds) / measured matmul FLOP/s
 
-The step is the trainer's own (`train.make_train_step`, jitted with
-`train.jit_step`): forward KL on teacher sequences with the records' top-k
+The step is the trainer's own (`train_step.make_train_step`, jitted with
+`train_step.jit_step`): forward KL on teacher sequences with the records' top-k
 (`objective.name = "kl"`, offline, so no teacher model and no sampling), AdamW,
 one device. Step FLOPs are XLA's count for the compiled step
 (`compiled.cost_analysis()["flops"]`: every floating-point op the executable
@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from fdistill_jax import models, objectives, train  # noqa: E402
+from fdistill_jax import models, objectives, sharding, train_step  # noqa: E402
 
 PRESETS = {
   # student preset, batch, source length, target length, top-k, matmul n
@@ -69,14 +69,14 @@ def run(args) -> dict:
   cfg = PRESETS[args.preset]
   repeats = args.repeats or (3 if args.preset == "cpu" else 10)
   model_cfg = models.get_preset(cfg["model"])
-  student = train.Frozen(models.build_model(model_cfg, rngs=0))
-  obj = objectives.ObjectiveConfig(name="kl")
+  student = models.SplitModel(models.build_model(model_cfg, rngs=0))
+  plan = objectives.ObjectiveConfig(name="kl", use_teacher_topk=True).plan(fused_head=True)
   tx = optax.adamw(1e-4)
-  step_fn = train.make_train_step(obj, student, tx, max_target_len=cfg["tgt_len"], use_topk=True)
-  mesh = train.make_mesh({"data": 1})
-  state, shardings = train.init_state(student, tx, 0, mesh)
-  step = train.jit_step(step_fn, shardings, mesh)
-  batch = train.put_batch(make_batch(cfg, model_cfg.vocab_size), mesh)
+  step_fn = train_step.make_train_step(plan, student, tx, max_target_len=cfg["tgt_len"])
+  mesh = sharding.mesh_from_config({"data": 1})
+  state, shardings = train_step.init_state(student, tx, 0, mesh)
+  step = train_step.jit_step(step_fn, shardings, mesh)
+  batch = train_step.put_batch(make_batch(cfg, model_cfg.vocab_size), mesh)
   step_flops = _flops(step.lower(state, batch, None).compile())
 
   n = cfg["matmul"]
@@ -107,7 +107,8 @@ def run(args) -> dict:
     f"Student `{cfg['model']}` (T5, d_model {model_cfg.d_model}, {model_cfg.num_layers}+"
     f"{model_cfg.num_layers} layers, vocab {model_cfg.vocab_size}); batch {cfg['batch']}, "
     f"source {cfg['src_len']}, target {cfg['tgt_len']} tokens, top-k {cfg['top_k']}; objective "
-    "`kl` on stored top-k, AdamW, `train.make_train_step` + `train.jit_step` on one device. "
+    "`kl` on stored top-k, AdamW, `train_step.make_train_step` + `train_step.jit_step` on one "
+    "device. "
     "FLOPs: XLA's cost analysis of the compiled step. Matmul reference: jitted float32 "
     f"{n}x{n} matmul, 2n^3 FLOPs. Median of {repeats} rotated runs after {args.warmup} warm-up. "
     "Reference figure, no target.",

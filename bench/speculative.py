@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from fdistill_jax import decoding, metrics, pipeline, speculative, train  # noqa: E402
+from fdistill_jax import checkpoints, decoding, metrics, pipeline, speculative  # noqa: E402
 from fdistill_jax.data import pipeline as data_pipeline  # noqa: E402
 from fdistill_jax.data import tasks  # noqa: E402
 from fdistill_jax.models import ModelConfig, presets  # noqa: E402
@@ -110,11 +110,13 @@ def run(args) -> dict:
   teacher_cfg = ModelConfig.from_config(config.teacher.model)
   student_cfg = ModelConfig.from_config(config.student.model)
   flop_ratio = decode_flops_per_token(teacher_cfg) / decode_flops_per_token(student_cfg)
-  teacher = train.load_model(config.teacher.model, os.path.join(workdir, "teacher", "checkpoints"))
+  teacher, _ = checkpoints.load_model(
+    config.teacher.model, os.path.join(workdir, "teacher", "checkpoints")
+  )
   students = {
-    name: train.load_model(
+    name: checkpoints.load_model(
       config.student.model, os.path.join(workdir, "students", name, "checkpoints")
-    )
+    )[0]
     for name in STUDENTS
   }
 

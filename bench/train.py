@@ -1,7 +1,7 @@
 """Distill-step throughput per objective, and offline-vs-online teacher sequences.
 
-Each objective's step is the trainer's own (`train.make_train_step` +
-`train.jit_step`, one device, AdamW) on a records-style batch (one teacher
+Each objective's step is the trainer's own (`train_step.make_train_step` +
+`train_step.jit_step`, one device, AdamW) on a records-style batch (one teacher
 sequence per input, top-k from the records). Students sample inside the
 step with ancestral sampling (`greedy` for ENGINE), as configured runs do.
 `tokens_per_s/<objective>` = batch x target length / step seconds.
@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from bench.mfu import make_batch  # noqa: E402
-from fdistill_jax import decoding, models, objectives, train  # noqa: E402
+from fdistill_jax import decoding, models, objectives, sharding, train_step  # noqa: E402
 
 PRESETS = {
   "cpu": dict(
@@ -68,27 +68,25 @@ def _build(preset, seed):
 
 
 def make_step(name, student, teacher, tx, mesh, shardings, tgt_len, use_topk=True, fused_head=True):
-  obj = objectives.ObjectiveConfig(name=name)
-  spec = obj.spec
+  obj = objectives.ObjectiveConfig(name=name, use_teacher_topk=use_topk)
+  plan = obj.plan(fused_head=fused_head)
   sampler = None
-  if spec.decoding is not None:
-    method = "greedy" if spec.decoding == "greedy" else "sample"
+  if plan.decoding is not None:
+    method = "greedy" if plan.decoding == "greedy" else "sample"
     sampler = decoding.make_model_sampler(method, num_samples=1, max_len=tgt_len)
-  needs_teacher = spec.needs_teacher_model(use_topk)
-  step_fn = train.make_train_step(
-    obj,
+  needs_teacher = plan.teacher_model
+  step_fn = train_step.make_train_step(
+    plan,
     student,
     tx,
     teacher=teacher if needs_teacher else None,
     sampler=sampler,
     max_target_len=tgt_len,
-    use_topk=use_topk,
-    fused_head=fused_head,
   )
-  return train.jit_step(step_fn, shardings, mesh), needs_teacher
+  return train_step.jit_step(step_fn, shardings, mesh), needs_teacher
 
 
-def online_teacher_batch(teacher: train.Frozen, tgt_len: int):
+def online_teacher_batch(teacher: models.SplitModel, tgt_len: int):
   """jit(teacher_params, batch) -> batch with teacher sequences sampled now, as the original."""
   sampler = decoding.make_model_sampler(
     "beam_sample", num_samples=1, max_len=tgt_len, num_beams=4, top_k=30
@@ -108,12 +106,12 @@ def online_teacher_batch(teacher: train.Frozen, tgt_len: int):
 def run(args) -> dict:
   cfg = PRESETS[args.preset]
   repeats = args.repeats or (3 if args.preset == "cpu" else 10)
-  student = train.Frozen(_build(cfg["student"], 0))
-  teacher = train.Frozen(_build(cfg["teacher"], 1))
+  student = models.SplitModel(_build(cfg["student"], 0))
+  teacher = models.SplitModel(_build(cfg["teacher"], 1))
   tx = optax.adamw(1e-4)
-  mesh = train.make_mesh({"data": 1})
-  state, shardings = train.init_state(student, tx, 0, mesh)
-  batch = train.put_batch(make_batch(cfg, student.config.vocab_size), mesh)
+  mesh = sharding.mesh_from_config({"data": 1})
+  state, shardings = train_step.init_state(student, tx, 0, mesh)
+  batch = train_step.put_batch(make_batch(cfg, student.config.vocab_size), mesh)
   tparams = jax.device_put(teacher.params, teacher.shardings(mesh))
   tokens = cfg["batch"] * cfg["tgt_len"]
   holder = {"state": state}
@@ -179,7 +177,7 @@ def run(args) -> dict:
     "(kl, rkl, js, tvd, fdiv, kd); `.../unfused` is the same step with fused_head=False."
   )
   # The step runs make_train_step's default fused chunk: read it, not a copy of it.
-  chunk = inspect.signature(train.make_train_step).parameters["fused_chunk_size"].default
+  chunk = inspect.signature(train_step.make_train_step).parameters["fused_chunk_size"].default
   if tokens <= chunk:
     notes.append(
       f"At this preset a batch is {tokens} tokens, within one fused-head chunk ({chunk} "

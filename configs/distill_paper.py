@@ -23,7 +23,7 @@ records replaces its full distribution on teacher sequences (set
 
 from configs import distill, tasks
 from fdistill_jax.models import presets
-from fdistill_jax.train import steps_for_epochs
+from fdistill_jax.optimizer import steps_for_epochs
 
 # Per setting: what differs from configs/distill.py (reference §4.2).
 SETTINGS = {

@@ -31,6 +31,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
+
+from fdistill_jax import models
 
 
 class Checkpointer:
@@ -210,3 +213,65 @@ def preemption_requested(guard: PreemptionGuard) -> bool:
 
   flags = multihost_utils.process_allgather(np.asarray([local], np.int32))
   return bool(np.any(flags))
+
+
+def load_model(
+  model_config, checkpoint: str = "", pretrained=None, *, where="config.teacher", trained=False
+) -> tuple[nnx.Module, dict]:
+  """(model, identity): from pretrained weights, a trainer checkpoint, or random.
+
+  Teachers and students load the same way. `pretrained` (dict(kind, path))
+  goes through `fdistill_jax.convert`; otherwise `checkpoint` is a folder of
+  this module's `Checkpointer` whose latest `state` item holds `params`, the
+  pure dict of the model's `nnx.Param` state, for the architecture
+  `model_config`. Neither: a random model (seed 0), unless `trained`.
+  `where` names the config section in error messages.
+  """
+  if pretrained:
+    # The converters (safetensors, GGUF readers) load only for pretrained weights.
+    from fdistill_jax import convert
+
+    model, _ = convert.load_pretrained(pretrained)
+    return model, {"pretrained": dict(pretrained)}
+  path = checkpoint
+  if not path:
+    if trained:
+      raise ValueError(
+        f"{where}: set `checkpoint` (a trained model) or `pretrained`; found neither, "
+        "and this needs trained weights"
+      )
+    return models.build_model(model_config, rngs=0), {"random_init": 0}
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{where}.checkpoint: {path} is not a folder")
+  manager = ocp.CheckpointManager(
+    os.path.abspath(path),
+    item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+  )
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{where}.checkpoint: no checkpoint in {path}")
+  # Restored into host arrays on every process: orbax refuses the saved
+  # shardings on another topology (a teacher trained on one host, used by a
+  # run of several), and the caller places the params on its own mesh anyway.
+  saved = manager.item_metadata(step).state
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  tree = restored.state
+  if "params" not in tree:
+    raise ValueError(f"{path} step {step}: state has {sorted(tree)}, expected a 'params' entry")
+  model = models.build_model(model_config, rngs=0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def shapes(tree):  # orbax turns integer keys (layer numbers) into strings
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)  # noqa: E731
+    return {name(path): np.shape(v) for path, v in leaves}
+
+  want, found = shapes(nnx.to_pure_dict(params)), shapes(tree["params"])
+  bad = sorted(k for k in want.keys() | found.keys() if want.get(k) != found.get(k))
+  if bad:
+    detail = ", ".join(f"{k}: expected {want.get(k)}, found {found.get(k)}" for k in bad[:4])
+    raise ValueError(f"{path} step {step}: params do not fit {where}.model ({detail})")
+  nnx.replace_by_pure_dict(params, tree["params"])
+  identity = {"checkpoint": os.path.abspath(path), "step": int(step)}
+  return nnx.merge(graphdef, params, rest), identity

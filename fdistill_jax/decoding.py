@@ -371,3 +371,41 @@ def make_model_sampler(method: str, *, num_samples: int = 1, max_len: int, **par
       f"decoding method {method!r} takes {sorted(_ALLOWED[method])}, found {sorted(unknown)}"
     )
   return ModelSampler(method, num_samples, max_len, tuple(sorted(params.items())))
+
+
+# ---------------------------------------------------------------------------
+# Samplers.
+# ---------------------------------------------------------------------------
+
+_NEUTRAL_SAMPLER_PARAMS = {
+  "temperature": 1.0,
+  "top_k": 0,
+  "top_p": 1.0,
+  "num_beams": 0,
+  "length_penalty": 1.0,
+}
+
+
+def sampler_params(sampler_cfg) -> dict:
+  """The `config.sampler` parameters that differ from their neutral value."""
+  return {
+    k: sampler_cfg[k]
+    for k, neutral in _NEUTRAL_SAMPLER_PARAMS.items()
+    if k in sampler_cfg and sampler_cfg[k] != neutral
+  }
+
+
+def default_sampler(mode: str, sampler_cfg, max_len: int):
+  """The trainer's sampler (`config.sampler`): (model, inputs, input_mask, keys) -> DecodeResult.
+
+  `mode` is the plan's `decoding`: "greedy" ignores `config.sampler`;
+  "sampler" uses it (also for online teacher samples).
+  """
+  if mode == "greedy":
+    return make_model_sampler("greedy", num_samples=1, max_len=max_len)
+  return make_model_sampler(
+    sampler_cfg.name,
+    num_samples=sampler_cfg.num_samples,
+    max_len=max_len,
+    **sampler_params(sampler_cfg),
+  )

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -307,6 +308,26 @@ def js(teacher_logits, student_logits, *, beta=0.5, temperature=1.0):
 def tvd(teacher_logits, student_logits, *, temperature=1.0):
   """1/2 sum |p - q| `[...]`."""
   return divergence("tvd", teacher_logits, student_logits, temperature=temperature)
+
+
+class TeacherTopK(NamedTuple):
+  """The teacher cache at each token, as the records store it.
+
+  logprobs `[..., K]`, ids `[..., K]`, tail_logmass `[...]` (log of the mass
+  outside the top-k; None: derived from the top-k), and optionally S tail
+  tokens drawn from a proposal (`sampled_divergences`): sample_ids `[..., S]`,
+  their teacher log-probs `[..., S]` and proposal log-probs `[..., S]` (None:
+  the proposal is the teacher). Without samples it is the top-k + tail form.
+  Read by `topk_log_probs`, `topk_divergence`, `sampled_divergences` and
+  `fused_head.fused_divergence_loss`.
+  """
+
+  logprobs: Array
+  ids: Array
+  tail_logmass: Array | None = None
+  sample_ids: Array | None = None
+  sample_logprobs: Array | None = None
+  proposal_logprobs: Array | None = None
 
 
 def logsumexp_outside(log_probs: Array, ids: Array, fill: float = NEG_INF) -> Array:

@@ -25,7 +25,7 @@ for very large vocabularies. The per-chunk math then runs under
 `jax.checkpoint`, so blocks are recomputed in the backward pass.
 
 Teacher forms (exactly one):
-  * `teacher_topk=TeacherTopK(logprobs [..., K], ids [..., K], tail_logmass
+  * `teacher_topk=divergences.TeacherTopK(logprobs [..., K], ids [..., K], tail_logmass
     [...] | None)`: the offline records' top-k (see `divergences.topk_divergence`);
     with `sample_ids`, `sample_logprobs` (and `proposal_logprobs`) `[..., S]`
     the unbiased sampled estimator (`sampled_divergences.sampled_divergence`).
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,21 +55,6 @@ Array = jax.Array
 NEG_INF = divergences.NEG_INF
 
 
-class TeacherTopK(NamedTuple):
-  """A teacher cache at each token: top-k log-probs `[..., K]`, ids `[..., K]`,
-  log tail mass `[...]` (None: derived from the top-k), and optionally S tail
-  tokens drawn from a proposal (`sampled_divergences`): ids `[..., S]`, their
-  teacher log-probs `[..., S]` and proposal log-probs `[..., S]` (None: the
-  proposal is the teacher). Without samples it is the top-k + tail form."""
-
-  logprobs: Array
-  ids: Array
-  tail_logmass: Array | None = None
-  sample_ids: Array | None = None
-  sample_logprobs: Array | None = None
-  proposal_logprobs: Array | None = None
-
-
 def fused_divergence_loss(
   name: str,
   hidden: Array,
@@ -78,7 +62,7 @@ def fused_divergence_loss(
   head_scale: float | Array = 1.0,
   weights: Array | None = None,
   *,
-  teacher_topk: TeacherTopK | tuple | None = None,
+  teacher_topk: divergences.TeacherTopK | tuple | None = None,
   teacher_logits: Array | None = None,
   teacher_hidden: Array | None = None,
   teacher_head: tuple[Array, float | Array] | None = None,
@@ -188,7 +172,7 @@ def _teacher_arrays(lead, vocab, topk, logits, hidden, head):
       "give exactly one teacher: teacher_topk, teacher_logits or teacher_hidden + teacher_head"
     )
   if topk is not None:
-    topk = TeacherTopK(*topk)
+    topk = divergences.TeacherTopK(*topk)
     if topk.logprobs.shape[:-1] != lead or topk.ids.shape != topk.logprobs.shape:
       raise ValueError(
         f"teacher_topk logprobs and ids must be [{lead}, K], got "

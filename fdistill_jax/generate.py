@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import convert, decoding, train
+from fdistill_jax import checkpoints, convert, decoding
 from fdistill_jax.data import tasks
 from fdistill_jax.data.tokenizers import Tokenizer, load_tokenizer
 
@@ -137,7 +137,7 @@ def _experiment_model(config, g):
   """(model, description) of the experiment's student or teacher."""
   if g.model == "teacher":
     if g.checkpoint:
-      return train.load_model(config.teacher.model, g.checkpoint), g.checkpoint
+      return checkpoints.load_model(config.teacher.model, g.checkpoint)[0], g.checkpoint
     pretrained = config.teacher.get("pretrained")
     if not pretrained and not config.teacher.checkpoint:
       raise ValueError(
@@ -145,12 +145,14 @@ def _experiment_model(config, g):
         "or teacher.checkpoint); set generate.checkpoint."
       )
     where = pretrained.path if pretrained else config.teacher.checkpoint
-    return train.load_model(config.teacher.model, config.teacher.checkpoint, pretrained), where
+    return checkpoints.load_model(config.teacher.model, config.teacher.checkpoint, pretrained)[
+      0
+    ], where
   if g.checkpoint:
-    return train.load_model(config.student.model, g.checkpoint), g.checkpoint
+    return checkpoints.load_model(config.student.model, g.checkpoint)[0], g.checkpoint
   if config.student.get("init"):
     # No checkpoint: the layer-copy initialisation the distillation starts from.
-    teacher = train.load_model(
+    teacher, _ = checkpoints.load_model(
       config.teacher.model, config.teacher.checkpoint, config.teacher.get("pretrained")
     )
     student, _ = convert.student_from_teacher(teacher, config.student.init)

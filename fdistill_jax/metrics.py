@@ -15,12 +15,20 @@ al. 2023), and the expected tokens per verification step follow from it.
 Scales: BLEU/chrF/TER/ROUGE, distinct-n, TeacherDist, precision and coverage
 are percentages (0-100); NLLs, KL and RKL are in nats; acceptance rates are
 fractions (0-1).
+
+Training metrics are `(sum, count)` pairs (t5x style: accumulation over
+micro-batches, steps and hosts is a sum, the mean is taken once):
+`add_metrics`, `metric_means`, and `MetricWriter` / `read_metrics` for
+`workdir/metrics.jsonl` and TensorBoard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 
 # ------------------------------------------------------------------------------
@@ -267,3 +275,74 @@ def expected_tokens_per_step(alpha, gamma: int):
   below = alpha < 1.0
   safe = np.where(below, alpha, 0.0)
   return np.where(below, (1.0 - safe ** (gamma + 1)) / (1.0 - safe), gamma + 1.0)
+
+
+# Training metrics: (sum, count) pairs, written as means.
+# ------------------------------------------------------------------------------
+
+
+def metric_means(metrics: Mapping[str, tuple]) -> dict[str, float]:
+  """{name: sum / count} as Python floats (count 0 -> nan)."""
+  out = {}
+  for key, (total, count) in metrics.items():
+    total, count = float(total), float(count)
+    out[key] = total / count if count else float("nan")
+  return out
+
+
+def add_metrics(a: Mapping[str, tuple] | None, b: Mapping[str, tuple]) -> dict[str, tuple]:
+  """Elementwise sum of two metric dicts of (sum, count) pairs."""
+  if not a:
+    return dict(b)
+  return {k: (a[k][0] + b[k][0], a[k][1] + b[k][1]) for k in b}
+
+
+class MetricWriter:
+  """Scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        # TensorFlow only when TensorBoard is on: its start-up costs seconds.
+        import tensorflow as tf
+
+        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict, prefix: str = "train"):
+    if not self.enabled:
+      return
+    # Keys as the TensorBoard tags ("train/loss", "eval/nll"): one row per write.
+    row = {"step": int(step)}
+    row.update({f"{prefix}/{k}": float(v) for k, v in scalars.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      import tensorflow as tf  # loaded already by __init__
+      from tensorflow.core.framework import summary_pb2
+
+      # tf.summary.scalar needs the tensorboard package; the raw write with
+      # the scalars plugin's metadata makes the same event without it.
+      meta = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+      ).SerializeToString()
+      with self._tb.as_default(step=int(step)):
+        for k, v in scalars.items():
+          tf.summary.write(f"{prefix}/{k}", tf.constant(float(v), tf.float32), metadata=meta)
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows `MetricWriter` wrote: {"step", "train/<name>" or "eval/<name>": float}."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,34 +1,38 @@
-"""Every f-DISTILL training objective as a pure function of logits and masks.
+"""Every f-DISTILL training objective, declared once as data, and its loss.
 
 An objective reads up to three *sources*, each a set of sequences the student
-was run on with teacher forcing:
+is run on with teacher forcing:
 
 * `teacher`: teacher sequences (the offline records' samples, or online
   teacher samples). The teacher's distribution on them comes from the stored
-  top-k (`Source.teacher_topk`, so the teacher model need not be loaded) or
-  from full teacher logits.
+  top-k (so the teacher model need not be loaded) or from its logits.
 * `student`: student samples drawn inside the training step (stop-gradient).
 * `ground_truth`: the dataset's targets.
 
-`compute_loss(cfg, sources)` returns `(loss, metrics)` where `metrics` maps a
-name to a `(sum, count)` pair (t5x style), so accumulation over micro-batches,
-steps and hosts is a sum and the mean is taken once at the end.
-
-The formulas are those of the original scripts (reference §2 and §9): every
-source contributes a per-token mean over its own mask, and the sources are
-combined with fixed weights:
+`OBJECTIVES` declares each objective as a list of weighted terms on sources
+(reference §2 and §9: each term is a per-token mean over its source's mask,
+and the loss is the weighted sum):
 
   kl      mean_teacher KL(p || q)
   rkl     mean_student KL(q || p)
   js      beta mean_student KL(q || m) + (1 - beta) mean_teacher KL(p || m),
           m = (1 - beta) p + beta q (or the exact prefix-weighted mixture)
   tvd     1/2 mean_student TVD + 1/2 mean_teacher TVD
-  fdiv    w_s mean_student D(p || q) + w_t mean_teacher D(p || q), any registry D
+  fdiv    w_s mean_student D(p || q) + (1 - w_s) mean_teacher D(p || q), any registry D
   seqkd   mean_teacher -log q(y_t)            (hard teacher tokens)
   engine  mean_student -sum_v q log p         (greedy student outputs)
   mle     mean_ground_truth -log q(y_t)
   kd      mean_ground_truth KL(p || q)        (word-level KD)
   predistill  alpha_kd kd + alpha_mle mle + alpha_hid hidden-state MSE
+
+`ObjectiveConfig` (`config.objective`, validated once) resolves the table
+into a frozen `StepPlan`: every decision the loop and the step need (sources,
+teacher rows, teacher model, batch keys, top-k, decoding, fused or not) and
+the concrete terms. Two loss forms iterate over `plan.terms`: `compute_loss`
+on logits, `fused_loss` on hidden states with the output head fused in
+(`fused_head.py`); both hand `(sum, count)` per term to `assemble`, which
+returns `(loss, metrics)` with metrics as `(sum, count)` pairs (t5x style).
+No other module compares objective names.
 
 Gradients flow through the student's logits only; the teacher's are wrapped
 in `stop_gradient` here as well, so a caller cannot leak a teacher gradient.
@@ -37,86 +41,174 @@ in `stop_gradient` here as well, so a caller cannot leak a teacher gradient.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fdistill_jax import divergences, sampled_divergences, stepwise
-from fdistill_jax.fused_head import TeacherTopK
+from fdistill_jax import divergences, records, terms
+from fdistill_jax.divergences import TeacherTopK
+from fdistill_jax.fused_head import fused_divergence_loss
 
 Array = jax.Array
 Metrics = dict[str, tuple[Array, Array]]
 
 SOURCES = ("teacher", "student", "ground_truth")
 
+# Term kinds besides the registry divergences (`divergences.REGISTRY`).
+CONFIGURED = "divergence"  # the configured `objective.divergence`
+JS_SIDE = "js_side"  # one side of JS(beta): KL(own || m) on the source
+NLL = "nll"  # -log q(y_t) of the source's own tokens
+ENGINE = "engine"  # -sum_v q log p
+HIDDEN_MSE = "hidden_mse"  # hidden-state MSE over matched layers
+# Kinds whose teacher side the records' top-k can serve on teacher sequences.
+_TOPK_KINDS = (CONFIGURED, JS_SIDE)
 
-@dataclasses.dataclass(frozen=True)
-class ObjectiveSpec:
-  """What an objective needs, so the trainer computes nothing else.
+# ---------------------------------------------------------------------------
+# The objectives, as data.
+# ---------------------------------------------------------------------------
 
-  Attributes:
-    sources: the sources the loss reads (see the module docstring).
-    teacher_dist: sources on which the teacher's next-token distribution is
-      needed. On `teacher` it can come from the records' top-k.
-    decoding: how student samples are drawn: "sampler" (the configured
-      sampler) or "greedy"; None when `student` is not a source.
-    hidden: needs per-layer hidden states of both models (pre-distillation).
-    description: one line for logs and docs.
+
+class TermDef(NamedTuple):
+  """One weighted term of an objective as declared.
+
+  source: a name of `SOURCES`; kind: a registry divergence or one of the
+  kinds above; weight: a number, or an `ObjectiveConfig` field name ("beta")
+  or its complement ("1-beta").
   """
 
-  sources: tuple[str, ...]
-  teacher_dist: tuple[str, ...] = ()
-  decoding: str | None = None
-  hidden: bool = False
-  description: str = ""
-
-  def needs_teacher_model(self, teacher_topk: bool) -> bool:
-    """Whether the teacher must run at train time, given stored top-k or not."""
-    on = set(self.teacher_dist)
-    if teacher_topk:
-      on.discard("teacher")
-    return bool(on) or self.hidden
+  source: str
+  kind: str
+  weight: float | str = 1.0
 
 
-OBJECTIVES: dict[str, ObjectiveSpec] = {
-  "kl": ObjectiveSpec(("teacher",), ("teacher",), None, False, "KL(p||q) on teacher sequences"),
-  "rkl": ObjectiveSpec(("student",), ("student",), "sampler", False, "KL(q||p) on student samples"),
-  "js": ObjectiveSpec(
-    ("teacher", "student"), ("teacher", "student"), "sampler", False, "skew JS(beta), both sides"
+class ObjectiveDef(NamedTuple):
+  """An objective: its terms, and how its student samples are drawn."""
+
+  description: str  # one line for logs and docs
+  terms: tuple[TermDef, ...]
+  decoding: str = "sampler"  # student samples: the configured sampler, or "greedy"
+
+  @property
+  def sources(self) -> tuple[str, ...]:
+    return tuple(s for s in SOURCES if any(t.source == s for t in self.terms))
+
+
+OBJECTIVES: dict[str, ObjectiveDef] = {
+  "kl": ObjectiveDef("KL(p||q) on teacher sequences", (TermDef("teacher", "kl"),)),
+  "rkl": ObjectiveDef("KL(q||p) on student samples", (TermDef("student", "rkl"),)),
+  "js": ObjectiveDef(
+    "skew JS(beta), both sides",
+    (TermDef("student", JS_SIDE, "beta"), TermDef("teacher", JS_SIDE, "1-beta")),
   ),
-  "tvd": ObjectiveSpec(
-    ("teacher", "student"), ("teacher", "student"), "sampler", False, "TVD bound, both sides"
+  "tvd": ObjectiveDef(
+    "TVD bound, both sides", (TermDef("student", "tvd", 0.5), TermDef("teacher", "tvd", 0.5))
   ),
-  "fdiv": ObjectiveSpec(
-    ("teacher", "student"), ("teacher", "student"), "sampler", False, "any D(p||q), both sides"
+  "fdiv": ObjectiveDef(
+    "any D(p||q), both sides",
+    (
+      TermDef("student", CONFIGURED, "student_weight"),
+      TermDef("teacher", CONFIGURED, "1-student_weight"),
+    ),
   ),
-  "seqkd": ObjectiveSpec(("teacher",), (), None, False, "cross-entropy on hard teacher tokens"),
-  "engine": ObjectiveSpec(
-    ("student",), ("student",), "greedy", False, "-sum q log p on greedy student outputs"
+  "seqkd": ObjectiveDef("cross-entropy on hard teacher tokens", (TermDef("teacher", NLL),)),
+  "engine": ObjectiveDef(
+    "-sum q log p on greedy student outputs", (TermDef("student", ENGINE),), decoding="greedy"
   ),
-  "mle": ObjectiveSpec(("ground_truth",), (), None, False, "cross-entropy on the ground truth"),
-  "kd": ObjectiveSpec(
-    ("ground_truth",), ("ground_truth",), None, False, "word-level KL(p||q) on the ground truth"
-  ),
-  "predistill": ObjectiveSpec(
-    ("ground_truth",), ("ground_truth",), None, True, "word-level KD + MLE + hidden-state MSE"
+  "mle": ObjectiveDef("cross-entropy on the ground truth", (TermDef("ground_truth", NLL),)),
+  "kd": ObjectiveDef("word-level KL(p||q) on the ground truth", (TermDef("ground_truth", "kl"),)),
+  "predistill": ObjectiveDef(
+    "word-level KD + MLE + hidden-state MSE",
+    (
+      TermDef("ground_truth", "kl", "alpha_kd"),
+      TermDef("ground_truth", NLL, "alpha_mle"),
+      TermDef("ground_truth", HIDDEN_MSE, "alpha_hid"),
+    ),
   ),
 }
 
 
 @dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-  """`config.objective`, typed. Unknown keys raise in `from_config`."""
+class Term:
+  """One resolved term of a plan: `weight * mean_source value`.
 
-  name: str = "kl"
-  beta: float = 0.5  # JS: the student's weight in m and on its side
+  kind: "divergence" (the registry `divergence` with `params`), "js_side",
+  "nll", "engine" or "hidden_mse". fused: the registry divergence and
+  parameters that compute this term from hidden states with the output head
+  fused in (`fused_loss`); None where the term has no such form.
+  """
+
+  source: str
+  kind: str
+  weight: float
+  metric: str  # metric key under the source
+  divergence: str = ""
+  params: tuple = ()  # sorted (name, value) pairs
+  fused: tuple[str, tuple] | None = None
+
+  @property
+  def needs_teacher(self) -> bool:
+    """Whether the term reads the teacher's distribution (or hidden states)."""
+    return self.kind != NLL
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """Everything the loop and the step derive from the objective, decided once.
+
+  Attributes:
+    config: the validated objective config (term parameters: temperature,
+      beta, exact_js, layer_map, normalize_hidden).
+    sources: the sources the loss reads, in `SOURCES` order.
+    terms: the weighted terms, in declaration order.
+    online_teacher: teacher sequences are sampled in the step, not read.
+    use_topk: the teacher's distribution on teacher sequences comes from the
+      records' top-k (no teacher forward there).
+    teacher_rows: sources the teacher model runs on at train time.
+    teacher_model: whether the teacher model is needed at train time.
+    batch_keys: the teacher-record keys every batch must carry.
+    decoding: how student samples are drawn ("sampler" or "greedy"); None
+      when no student samples are read.
+    hidden: per-layer hidden states of both models are needed.
+    fused: the loss runs on hidden states with the output head fused in.
+  """
+
+  config: ObjectiveConfig
+  sources: tuple[str, ...]
+  terms: tuple[Term, ...]
+  online_teacher: bool
+  use_topk: bool
+  teacher_rows: tuple[str, ...]
+  teacher_model: bool
+  batch_keys: tuple[str, ...]
+  decoding: str | None
+  hidden: bool
+  fused: bool
+
+  @property
+  def name(self) -> str:
+    return self.config.name
+
+  @property
+  def ground_truth_only(self) -> bool:
+    """Plain MLE: ground truth only and no teacher (what `train_teacher` trains)."""
+    return self.sources == ("ground_truth",) and not self.teacher_model
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """`config.objective`, typed; defaults are those of `configs/distill.py`.
+
+  Unknown keys raise in `from_config`.
+  """
+
+  name: str = "js"  # the objective (`OBJECTIVES`)
+  beta: float = 0.85  # JS: the student's weight in m and on its side
   exact_js: bool = False  # JS: prefix-weighted mixture (the paper's ACL'23 correction)
   divergence: str = "js"  # fdiv: the registry divergence
   divergence_params: tuple = ()  # fdiv: sorted (name, value) pairs, e.g. (("alpha", 0.5),)
-  student_weight: float = 0.5  # fdiv/tvd: weight of the student-sample term
+  student_weight: float = 0.5  # fdiv: weight of the student-sample term
   temperature: float = 1.0  # softens both distributions (stored top-k: the student only)
   use_teacher_topk: bool = True  # teacher side from the records' top-k when they have it
   alpha_kd: float = 0.8  # predistill: word-level KL weight (the original alpha_ce)
@@ -128,9 +220,10 @@ class ObjectiveConfig:
   def __post_init__(self):
     if self.name not in OBJECTIVES:
       raise ValueError(f"objective.name: expected one of {sorted(OBJECTIVES)}, found {self.name!r}")
-    if self.name == "js" and not 0.0 < self.beta < 1.0:
+    kinds = {t.kind for t in OBJECTIVES[self.name].terms}
+    if JS_SIDE in kinds and not 0.0 < self.beta < 1.0:
       raise ValueError(f"objective.beta: expected a value in (0, 1), found {self.beta}")
-    if self.name == "fdiv":
+    if CONFIGURED in kinds:
       # Raises for an unknown divergence or bad parameters, before anything compiles.
       divergences.get(self.divergence).term(jnp.zeros(1), jnp.zeros(1), **self.params)
     if not 0.0 <= self.student_weight <= 1.0:
@@ -154,329 +247,187 @@ class ObjectiveConfig:
     return cls(**values)
 
   @property
-  def spec(self) -> ObjectiveSpec:
-    return OBJECTIVES[self.name]
-
-  @property
   def params(self) -> dict:
     return dict(self.divergence_params)
 
+  def _weight(self, weight: float | str) -> float:
+    if isinstance(weight, str):
+      field = weight.removeprefix("1-")
+      value = float(getattr(self, field))
+      return 1.0 - value if field != weight else value
+    return float(weight)
 
-class Source(NamedTuple):
-  """The student (and teacher) run on one set of sequences.
+  def _term(self, d: TermDef) -> Term:
+    weight = self._weight(d.weight)
+    if d.kind == JS_SIDE:
+      # JS's sides are skew KLs of the same mixture m = (1 - beta) p + beta q:
+      # KL(q || m) is skew_rkl(alpha=beta), KL(p || m) is skew_kl(alpha=1 - beta).
+      b = self.beta
+      skew = ("skew_rkl", b) if d.source == "student" else ("skew_kl", 1 - b)
+      fused = None if self.exact_js else (skew[0], (("alpha", skew[1]),))
+      return Term(d.source, JS_SIDE, weight, "js", fused=fused)
+    if d.kind in (NLL, ENGINE, HIDDEN_MSE):
+      return Term(d.source, d.kind, weight, d.kind)
+    name, params = (
+      (self.divergence, self.divergence_params) if d.kind == CONFIGURED else (d.kind, ())
+    )
+    return Term(d.source, CONFIGURED, weight, name, name, params, fused=(name, params))
 
-  tokens: `[B, T]` int; mask: `[B, T]` float, 1 on real tokens (EOS included);
-  student_logits: `[B, T, V]` (position t predicts tokens[:, t]);
-  teacher_logits: `[B, T, V]` or None; teacher_topk: top-k `[B, T, K]` or None;
-  teacher_token_logprobs: `[B, T]` the teacher's log-prob of each token
-  (exact JS from top-k); student_hidden / teacher_hidden: per-layer `[B, T, D]`.
-  """
+  def plan(self, *, online_teacher: bool = False, fused_head: bool = False) -> StepPlan:
+    """The frozen plan of this objective.
 
-  tokens: Array
-  mask: Array
-  student_logits: Array
-  teacher_logits: Array | None = None
-  teacher_topk: TeacherTopK | None = None
-  teacher_token_logprobs: Array | None = None
-  student_hidden: tuple | None = None
-  teacher_hidden: tuple | None = None
+    online_teacher: sample the teacher sequences in the step (config
+    `train.online_teacher`); fused_head: fused loss where every term has a
+    fused form (config `train.fused_head`).
+    """
+    spec = OBJECTIVES[self.name]
+    resolved = tuple(self._term(d) for d in spec.terms)
+    sources = spec.sources
+    online = online_teacher and "teacher" in sources
+    # The records' top-k serve the teacher side on teacher sequences when every
+    # term there reads only the teacher's distribution.
+    on_teacher = [t for t in resolved if t.source == "teacher" and t.needs_teacher]
+    use_topk = (
+      self.use_teacher_topk
+      and not online
+      and bool(on_teacher)
+      and all(t.kind in _TOPK_KINDS for t in on_teacher)
+    )
+    rows = {t.source for t in resolved if t.needs_teacher} - ({"teacher"} if use_topk else set())
+    teacher_rows = tuple(s for s in SOURCES if s in rows)
+    batch_keys = ()
+    if "teacher" in sources and not online:
+      batch_keys = records.SEQUENCE_KEYS
+      if use_topk:
+        batch_keys += (records.TOKEN_LOGPROBS, *records.TOPK_KEYS)
+    return StepPlan(
+      config=self,
+      sources=sources,
+      terms=resolved,
+      online_teacher=online,
+      use_topk=use_topk,
+      teacher_rows=teacher_rows,
+      teacher_model=bool(teacher_rows) or online,
+      batch_keys=batch_keys,
+      decoding=spec.decoding if "student" in sources else None,
+      hidden=any(t.kind == HIDDEN_MSE for t in resolved),
+      fused=fused_head and all(t.fused is not None for t in resolved),
+    )
+
+
+def plan_from_config(config) -> StepPlan:
+  """The plan of a distill/train_teacher config (`objective` and `train`)."""
+  return ObjectiveConfig.from_config(config.objective).plan(
+    online_teacher=bool(config.train.online_teacher), fused_head=bool(config.train.fused_head)
+  )
 
 
 # ---------------------------------------------------------------------------
-# Per-token terms on one source.
+# The loss: per-term (sum, count), then one assembly.
 # ---------------------------------------------------------------------------
 
 
-def _mean(terms: Array, mask: Array) -> tuple[Array, Array, Array]:
-  """(mean, sum, count) of masked per-token `terms [B, T]`; mean 0 for an empty mask."""
-  total, count = divergences.weighted_sum(terms, mask)
-  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0), total, count
-
-
-def _teacher_form(src: Source, where: str) -> str:
-  if src.teacher_logits is not None:
-    return "logits"
-  if src.teacher_topk is not None:
-    return "topk"
-  raise ValueError(f"source {where!r} needs the teacher's distribution: no logits, no top-k")
-
-
-def _divergence_terms(cfg: ObjectiveConfig, name: str, src: Source, where: str, **params) -> Array:
-  """Per-token D(p || q) `[B, T]` on `src` (0 where masked)."""
-  mask = src.mask.astype(jnp.float32)
-  if _teacher_form(src, where) == "logits":
-    # The registry divergence itself, for "js" too (fdiv's full JS), not
-    # `stepwise_terms`, whose "js" is one side of the js objective.
-    teacher = jax.lax.stop_gradient(src.teacher_logits)
-    values = divergences.divergence(
-      name, teacher, src.student_logits, temperature=cfg.temperature, **params
+def _term_sum(cfg: ObjectiveConfig, term: Term, src: terms.Source) -> tuple[Array, Array]:
+  """(sum, count) of one term's per-token values on `src` (unfused)."""
+  where = term.source
+  if term.kind == HIDDEN_MSE:
+    if src.student_hidden is None or src.teacher_hidden is None:
+      raise ValueError(f"source {where!r}: the hidden-state MSE needs student and teacher hidden")
+    layer_map = cfg.layer_map or terms.default_layer_map(
+      len(src.student_hidden), len(src.teacher_hidden)
     )
-    return values * mask
-  topk = src.teacher_topk
-  if topk.sample_ids is not None:
-    values = sampled_divergences.sampled_divergence(
-      name,
-      topk.logprobs,
-      topk.ids,
-      src.student_logits,
-      sample_ids=topk.sample_ids,
-      sample_logprobs=topk.sample_logprobs,
-      proposal_logprobs=topk.proposal_logprobs,
-      teacher_tail_logmass=topk.tail_logmass,
-      temperature=cfg.temperature,
-      **params,
+    return terms.hidden_mse(
+      src.student_hidden, src.teacher_hidden, src.mask, layer_map, cfg.normalize_hidden
     )
-    return values * mask
-  values = divergences.topk_divergence(
-    name,
-    topk.logprobs,
-    topk.ids,
-    src.student_logits,
-    teacher_tail_logmass=topk.tail_logmass,
-    temperature=cfg.temperature,
-    **params,
-  )
-  return values * mask
-
-
-def _js_side_terms(cfg: ObjectiveConfig, src: Source, side: str, where: str) -> Array:
-  """KL(own || m) `[B, T]` for JS on `src`, drawn by `side` ("teacher" or "student")."""
-  mask = src.mask.astype(jnp.float32)
-  if _teacher_form(src, where) == "logits":
-    return stepwise.stepwise_terms(
-      "js",
-      jax.lax.stop_gradient(src.teacher_logits),
-      src.student_logits,
-      src.tokens,
-      mask,
-      side=side,
-      beta=cfg.beta,
-      exact_js=cfg.exact_js,
-      temperature=cfg.temperature,
-    )
-  # Top-k teacher: the mixture is linear, so it coarsens to the K + 1 buckets
-  # exactly; the bucketed KL(p || m) is a lower bound of the full one.
-  topk = src.teacher_topk
-  if topk.sample_ids is not None:
-    raise ValueError(
-      f"source {where!r}: the unfused js objective has no sampled-cache form; use "
-      "train.fused_head=True, objective fdiv with divergence js, or cache_form 'topk'"
-    )
-  lp, lq = divergences.topk_log_probs(
-    topk.logprobs,
-    topk.ids,
-    src.student_logits,
-    teacher_tail_logmass=topk.tail_logmass,
-    temperature=cfg.temperature,
-  )
-  if cfg.exact_js:
-    if src.teacher_token_logprobs is None:
-      raise ValueError(f"source {where!r}: exact JS from top-k needs teacher_token_logprobs")
-    lq_full = divergences.log_probs(src.student_logits, cfg.temperature)
-    prefix_p = stepwise.prefix_log_probs(
-      jax.lax.stop_gradient(src.teacher_token_logprobs.astype(jnp.float32)), mask
-    )
-    prefix_q = stepwise.prefix_log_probs(stepwise.token_log_probs(lq_full, src.tokens), mask)
-    weighted_p = math.log1p(-cfg.beta) + prefix_p
-    weighted_q = math.log(cfg.beta) + prefix_q
-    norm = jnp.logaddexp(weighted_p, weighted_q)
-    log_w, log_1mw = (weighted_p - norm)[..., None], (weighted_q - norm)[..., None]
+  if term.kind == NLL:
+    values = terms.nll_terms(src)
+  elif term.kind == ENGINE:
+    values = terms.engine_terms(cfg, src, where)
+  elif term.kind == JS_SIDE:
+    values = terms.js_side_terms(cfg, src, term.source, where)
   else:
-    log_w, log_1mw = math.log1p(-cfg.beta), math.log(cfg.beta)
-  lm = jnp.logaddexp(log_w + lp, log_1mw + lq)
-  own = lp if side == "teacher" else lq
-  return divergences.divergence_from_log_probs("kl", own, lm) * mask
+    values = terms.divergence_terms(cfg, term.divergence, src, where, **dict(term.params))
+  return divergences.weighted_sum(values, src.mask)
 
 
-def _cross_entropy_terms(src: Source, temperature: float = 1.0) -> Array:
-  """-log q(y_t) `[B, T]` of the source's own tokens (0 where masked)."""
-  lq = divergences.log_probs(src.student_logits, temperature)
-  return -stepwise.token_log_probs(lq, src.tokens) * src.mask.astype(jnp.float32)
+def assemble(
+  plan: StepPlan, sums: Sequence[tuple[Array, Array]], masks: Mapping[str, Array]
+) -> tuple[Array, Metrics]:
+  """`(loss, metrics)` from each term's `(sum, count)`, in `plan.terms` order.
 
-
-def _engine_terms(cfg: ObjectiveConfig, src: Source, where: str) -> Array:
-  """-sum_v q log p `[B, T]`: the student's cross-entropy against the teacher."""
-  if src.teacher_logits is None:
-    raise ValueError(f"source {where!r}: ENGINE needs full teacher logits")
-  lp = divergences.log_probs(jax.lax.stop_gradient(src.teacher_logits), cfg.temperature)
-  lq = divergences.log_probs(src.student_logits, cfg.temperature)
-  return -jnp.sum(jnp.exp(lq) * lp, axis=-1) * src.mask.astype(jnp.float32)
-
-
-def default_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
-  """Teacher layer matched to each student layer: spread evenly, last to last.
-
-  E.g. 3 of 12 -> (0, 6, 11), the layers HF copies for a 3-layer student.
+  loss = sum_terms weight * sum / count (a term over an empty mask adds 0);
+  metrics: `source/metric` per term, `source/tokens` per source (`masks`:
+  source -> `[R, T]`), and `loss`, all as (sum, count) pairs.
   """
-  if student_layers == 1:
-    return (teacher_layers - 1,)
-  step = (teacher_layers - 1) / (student_layers - 1)
-  return tuple(round(i * step) for i in range(student_layers))
-
-
-def _layer_norm(x: Array) -> Array:
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.var(x, axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + 1e-5)
-
-
-def hidden_mse(
-  student_hidden, teacher_hidden, mask: Array, layer_map, normalize: bool = False
-) -> tuple[Array, Array]:
-  """Sum over matched layers of the masked mean squared error, and its token count.
-
-  student_hidden / teacher_hidden: sequences of `[B, T, D]`; mask `[B, T]`;
-  layer_map[i] is the teacher layer for student layer i. Each layer's MSE is
-  averaged over real tokens and the width D (as HF's `calc_hidden_loss`).
-  Returns (sum over layers of per-token-and-dim sums / D, token count).
-  """
-  if len(layer_map) != len(student_hidden):
-    raise ValueError(
-      f"objective.layer_map: {len(layer_map)} entries for {len(student_hidden)} student layers"
-    )
-  mask = mask.astype(jnp.float32)
-  total = jnp.zeros((), jnp.float32)
-  for i, j in enumerate(layer_map):
-    if not 0 <= j < len(teacher_hidden):
-      raise ValueError(f"objective.layer_map[{i}] = {j}: teacher has {len(teacher_hidden)} layers")
-    s = student_hidden[i].astype(jnp.float32)
-    t = jax.lax.stop_gradient(teacher_hidden[j]).astype(jnp.float32)
-    if s.shape != t.shape:
-      raise ValueError(
-        f"hidden-state MSE: student layer {i} is {s.shape}, teacher layer {j} is {t.shape}; "
-        "the widths must match"
-      )
-    if normalize:
-      s, t = _layer_norm(s), _layer_norm(t)
-    sq = jnp.mean(jnp.square(s - t), axis=-1)
-    total = total + jnp.sum(sq * mask)
-  return total, jnp.sum(mask)
-
-
-# ---------------------------------------------------------------------------
-# The objectives.
-# ---------------------------------------------------------------------------
-
-
-def _need(sources: Mapping[str, Source], name: str, objective: str) -> Source:
-  if name not in sources or sources[name] is None:
-    raise ValueError(f"objective {objective!r} needs the {name!r} source; got {sorted(sources)}")
-  return sources[name]
-
-
-def compute_loss(cfg: ObjectiveConfig, sources: Mapping[str, Source]) -> tuple[Array, Metrics]:
-  """The objective `cfg.name` on `sources` -> (scalar loss, metrics of (sum, count))."""
-  cfg = ObjectiveConfig.from_config(cfg)
-  name = cfg.name
-  srcs = {k: _need(sources, k, name) for k in cfg.spec.sources}
+  one = jnp.ones((), jnp.float32)
   metrics: Metrics = {}
-  parts = []  # (weight, mean)
-
-  def term(key: str, source: str, values: Array, weight: float):
-    mean, total, count = _mean(values, srcs[source].mask)
-    metrics[f"{source}/{key}"] = (total, count)
-    parts.append((weight, mean))
-
-  if name == "kl":
-    term("kl", "teacher", _divergence_terms(cfg, "kl", srcs["teacher"], "teacher"), 1.0)
-  elif name == "rkl":
-    term("rkl", "student", _divergence_terms(cfg, "rkl", srcs["student"], "student"), 1.0)
-  elif name == "js":
-    term("js", "student", _js_side_terms(cfg, srcs["student"], "student", "student"), cfg.beta)
-    term("js", "teacher", _js_side_terms(cfg, srcs["teacher"], "teacher", "teacher"), 1 - cfg.beta)
-  elif name in ("tvd", "fdiv"):
-    div, params = ("tvd", {}) if name == "tvd" else (cfg.divergence, cfg.params)
-    w = 0.5 if name == "tvd" else cfg.student_weight
-    for source, weight in (("student", w), ("teacher", 1.0 - w)):
-      values = _divergence_terms(cfg, div, srcs[source], source, **params)
-      term(div, source, values, weight)
-  elif name == "seqkd":
-    term("nll", "teacher", _cross_entropy_terms(srcs["teacher"]), 1.0)
-  elif name == "engine":
-    term("engine", "student", _engine_terms(cfg, srcs["student"], "student"), 1.0)
-  elif name == "mle":
-    term("nll", "ground_truth", _cross_entropy_terms(srcs["ground_truth"]), 1.0)
-  elif name == "kd":
-    gt = srcs["ground_truth"]
-    term("kl", "ground_truth", _divergence_terms(cfg, "kl", gt, "ground_truth"), 1.0)
-  elif name == "predistill":
-    gt = srcs["ground_truth"]
-    term("kl", "ground_truth", _divergence_terms(cfg, "kl", gt, "ground_truth"), cfg.alpha_kd)
-    term("nll", "ground_truth", _cross_entropy_terms(gt), cfg.alpha_mle)
-    if gt.student_hidden is None or gt.teacher_hidden is None:
-      raise ValueError("objective 'predistill' needs student_hidden and teacher_hidden")
-    layer_map = cfg.layer_map or default_layer_map(len(gt.student_hidden), len(gt.teacher_hidden))
-    total, count = hidden_mse(
-      gt.student_hidden, gt.teacher_hidden, gt.mask, layer_map, cfg.normalize_hidden
-    )
-    metrics["ground_truth/hidden_mse"] = (total, count)
-    parts.append((cfg.alpha_hid, jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)))
-  else:  # pragma: no cover - OBJECTIVES and this dispatch are kept in step
-    raise AssertionError(name)
-
-  loss = sum(w * m for w, m in parts)
-  metrics["loss"] = (loss, jnp.ones((), jnp.float32))
-  for source in srcs:
-    metrics[f"{source}/tokens"] = (jnp.sum(srcs[source].mask.astype(jnp.float32)), jnp.ones(()))
+  loss = jnp.zeros((), jnp.float32)
+  for term, (total, count) in zip(plan.terms, sums, strict=True):
+    metrics[f"{term.source}/{term.metric}"] = (total, count)
+    loss = loss + term.weight * jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+  metrics["loss"] = (loss, one)
+  for source in plan.sources:
+    metrics[f"{source}/tokens"] = (jnp.sum(masks[source].astype(jnp.float32)), one)
   return loss, metrics
 
 
-class FusedTerm(NamedTuple):
-  """One weighted per-source registry divergence of an objective (see `fused_terms`)."""
+def compute_loss(plan: StepPlan, sources: Mapping[str, terms.Source]) -> tuple[Array, Metrics]:
+  """The plan's loss on logits: `sources` maps a source name to its `Source`."""
+  for name in plan.sources:
+    if sources.get(name) is None:
+      raise ValueError(f"objective {plan.name!r} needs the {name!r} source; got {sorted(sources)}")
+  sums = [_term_sum(plan.config, t, sources[t.source]) for t in plan.terms]
+  return assemble(plan, sums, {s: sources[s].mask for s in plan.sources})
 
-  divergence: str  # registry name
-  source: str  # "teacher", "student" or "ground_truth"
-  weight: float
-  params: dict  # the divergence's parameters
-  metric: str  # metric key under the source, as `compute_loss` names it
 
+class FusedSource(NamedTuple):
+  """One source for `fused_loss`: the student's final hidden states and the teacher's side.
 
-def fused_terms(cfg: ObjectiveConfig) -> list[FusedTerm] | None:
-  """The objective as weighted per-source registry divergences, for the fused head.
-
-  The loss is sum weight * mean_source D(p || q), exactly `compute_loss`'s
-  loss and metrics for these objectives. JS's one-sided terms are skew KLs
-  of the same mixture m = (1 - beta) p + beta q: KL(q || m) on student samples
-  is `skew_rkl(alpha=beta)`, KL(p || m) on teacher sequences is
-  `skew_kl(alpha=1 - beta)`. None where the loss has no such form (exact JS's
-  prefix-weighted mixture, cross-entropies, ENGINE, pre-distillation), which
-  then runs unfused.
+  hidden: `[R, T, D]`; mask: `[R, T]`; teacher: exactly one of `topk` (stored
+  top-k `[R, T, K]`) or `hidden` `[R, T, Dt]` with `head` (W_t `[Dt, V]`, scale).
   """
-  cfg = ObjectiveConfig.from_config(cfg)
-  if cfg.name == "kl":
-    return [FusedTerm("kl", "teacher", 1.0, {}, "kl")]
-  if cfg.name == "rkl":
-    return [FusedTerm("rkl", "student", 1.0, {}, "rkl")]
-  if cfg.name == "kd":
-    return [FusedTerm("kl", "ground_truth", 1.0, {}, "kl")]
-  if cfg.name == "js" and not cfg.exact_js:
-    b = cfg.beta
-    return [
-      FusedTerm("skew_rkl", "student", b, {"alpha": b}, "js"),
-      FusedTerm("skew_kl", "teacher", 1 - b, {"alpha": 1 - b}, "js"),
-    ]
-  if cfg.name == "tvd":
-    return [FusedTerm("tvd", side, 0.5, {}, "tvd") for side in ("student", "teacher")]
-  if cfg.name == "fdiv":
-    w, div = cfg.student_weight, cfg.divergence
-    return [
-      FusedTerm(div, "student", w, cfg.params, div),
-      FusedTerm(div, "teacher", 1 - w, cfg.params, div),
-    ]
-  return None
+
+  hidden: Array
+  mask: Array
+  teacher_topk: TeacherTopK | None = None
+  teacher_hidden: Array | None = None
+  teacher_head: tuple | None = None
 
 
-def metric_means(metrics: Mapping[str, tuple]) -> dict[str, float]:
-  """{name: sum / count} as Python floats (count 0 -> nan)."""
-  out = {}
-  for key, (total, count) in metrics.items():
-    total, count = float(total), float(count)
-    out[key] = total / count if count else float("nan")
-  return out
+def fused_loss(
+  plan: StepPlan,
+  sources: Mapping[str, FusedSource],
+  head: tuple[Array, Any],
+  chunk_size: int,
+) -> tuple[Array, Metrics]:
+  """The plan's loss from hidden states, with the student's output `head` (W, scale) fused in.
 
-
-def add_metrics(a: Mapping[str, tuple] | None, b: Mapping[str, tuple]) -> dict[str, tuple]:
-  """Elementwise sum of two metric dicts of (sum, count) pairs."""
-  if not a:
-    return dict(b)
-  return {k: (a[k][0] + b[k][0], a[k][1] + b[k][1]) for k in b}
+  No `[R, T, V]` logits exist (`fused_head.fused_divergence_loss`, `chunk_size`
+  tokens at a time); equal to `compute_loss` on the same rows.
+  """
+  if not plan.fused:
+    raise ValueError(f"objective {plan.name!r}: some term has no fused form")
+  w, scale = head
+  sums = []
+  for term in plan.terms:
+    src = sources[term.source]
+    name, params = term.fused
+    teacher = (
+      {"teacher_topk": src.teacher_topk}
+      if src.teacher_topk is not None
+      else {"teacher_hidden": src.teacher_hidden, "teacher_head": src.teacher_head}
+    )
+    sums.append(
+      fused_divergence_loss(
+        name,
+        src.hidden,
+        w,
+        scale,
+        src.mask,
+        temperature=plan.config.temperature,
+        chunk_size=chunk_size,
+        **teacher,
+        **dict(params),
+      )
+    )
+  return assemble(plan, sums, {s: sources[s].mask for s in plan.sources})

@@ -35,16 +35,18 @@ from absl import logging
 from flax import nnx
 
 from fdistill_jax import (
+  checkpoints,
   decoding,
   divergences,
+  main,
   models,
   objectives,
   records,
   runguard,
   teacher_pass,
-  train,
 )
 from fdistill_jax.data import tasks
+from fdistill_jax.metrics import read_metrics
 
 # Columns of the results table: (key in the metrics, header, format).
 COLUMNS = (
@@ -95,8 +97,6 @@ def student_config(config, workdir: str, objective: str, init_checkpoint: str, s
   cfg.student.init_checkpoint = init_checkpoint
   cfg.teacher.checkpoint = os.path.join(workdir, "teacher", "checkpoints")
   cfg.teacher_pass.out_dir = records.records_dir(config, workdir)
-  if objective == "engine":
-    cfg.sampler.name = "greedy"
   return cfg
 
 
@@ -258,7 +258,7 @@ def _plots(workdir: str, rows: dict[str, dict], runs: dict[str, str]) -> list[st
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name, run_dir in runs.items():
-    rows_m = [r for r in train.read_metrics(run_dir) if "train/loss" in r]
+    rows_m = [r for r in read_metrics(run_dir) if "train/loss" in r]
     if rows_m:
       ax.plot([r["step"] for r in rows_m], [r["train/loss"] for r in rows_m], label=name)
   ax.set(xlabel="step", ylabel="training loss", title="training curves", yscale="log")
@@ -365,7 +365,7 @@ def run(config, workdir: str):
   timings: dict[str, float] = {}
   _stage("[1/5] teacher: %d MLE steps", p.teacher_steps)
   teacher_dir = os.path.join(workdir, "teacher")
-  _timed(timings, "teacher", train.run_teacher, teacher_config(config), teacher_dir)
+  _timed(timings, "teacher", main.run_teacher, teacher_config(config), teacher_dir)
 
   _stage("[2/5] teacher pass over the %s split", config.teacher_pass.split)
   pass_cfg = student_config(config, workdir, "kl", "", 0)
@@ -377,7 +377,7 @@ def run(config, workdir: str):
   _timed(
     timings,
     "init",
-    train.run,
+    main.run_distill,
     student_config(config, workdir, p.init_objective, "", p.init_steps),
     init_dir,
   )
@@ -388,12 +388,14 @@ def run(config, workdir: str):
   for method in p.methods:
     run_dir = os.path.join(workdir, "students", method)
     cfg = student_config(config, workdir, method, init_ckpt, p.distill_steps)
-    _timed(timings, f"distill/{method}", train.run, cfg, run_dir)
+    _timed(timings, f"distill/{method}", main.run_distill, cfg, run_dir)
     runs[method] = run_dir
 
   _stage("[5/5] evaluation on the %s split", p.eval_split)
   task = tasks.get_task(config.task)
-  teacher = train.load_model(config.teacher.model, os.path.join(teacher_dir, "checkpoints"))
+  teacher, _ = checkpoints.load_model(
+    config.teacher.model, os.path.join(teacher_dir, "checkpoints")
+  )
   eval_dir = os.path.join(workdir, "eval")
   os.makedirs(eval_dir, exist_ok=True)
   rows, teacher_cache = {}, {}
@@ -408,7 +410,9 @@ def run(config, workdir: str):
     if name == "teacher":
       model = teacher
     else:
-      model = train.load_model(config.student.model, os.path.join(runs[name], "checkpoints"))
+      model, _ = checkpoints.load_model(
+        config.student.model, os.path.join(runs[name], "checkpoints"), where="config.student"
+      )
     metrics = _timed(timings, "evaluate", evaluate, config, task, model, teacher, teacher_cache)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

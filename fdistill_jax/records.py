@@ -36,22 +36,56 @@ renamed, so a reader or a restarted pass never sees half a file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import struct
 import tempfile
-import uuid
 from collections.abc import Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from fdistill_jax.files import (
+  atomic_write_bytes,
+  file_sha256,
+  fs_commit,
+  fs_exists,
+  fs_listdir,
+  fs_makedirs,
+  fs_open,
+  fs_remove,
+  fs_size,
+  tmp_name,
+)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MARKER_SUFFIX = ".COMPLETED"
 LOGPROB_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 CACHE_FORMS = ("topk", "sampled", "topk+sampled")
+
+
+# The teacher features' names, shared by the writer, the reader's batches and
+# the trainer's batch-key check. `teacher_mask` exists only in batches (the
+# reader derives it from `teacher_lengths`).
+TEACHER_TOKENS = "teacher_tokens"
+TEACHER_MASK = "teacher_mask"
+TOKEN_LOGPROBS = "teacher_token_logprobs"
+TOPK_LOGPROBS = "teacher_topk_logprobs"
+TOPK_IDS = "teacher_topk_ids"
+TAIL_LOGMASS = "teacher_tail_logmass"
+FULL_LOGPROBS = "teacher_full_logprobs"
+SEQUENCE_KEYS = (TEACHER_TOKENS, TEACHER_MASK)
+TOPK_KEYS = (TOPK_LOGPROBS, TOPK_IDS, TAIL_LOGMASS)
+SAMPLE_IDS = "teacher_sample_ids"
+SAMPLE_LOGPROBS = "teacher_sample_logprobs"
+PROPOSAL_LOGPROBS = "teacher_proposal_logprobs"
+# Batch keys of a sampled teacher cache -> the `divergences.TeacherTopK` fields they fill.
+SAMPLE_KEYS = {
+  SAMPLE_IDS: "sample_ids",
+  SAMPLE_LOGPROBS: "sample_logprobs",
+  PROPOSAL_LOGPROBS: "proposal_logprobs",
+}
 
 
 class RecordError(ValueError):
@@ -128,20 +162,20 @@ def _fixed_arrays(spec: RecordSpec) -> dict[str, tuple[tuple[int, ...], np.dtype
   n, t, k, v = spec.num_samples, spec.max_target_len, spec.top_k, spec.vocab_size
   lp = spec.np_logprob_dtype
   arrays = {
-    "teacher_tokens": ((n, t), np.dtype("<i4")),
-    "teacher_token_logprobs": ((n, t), np.dtype("<f4")),
-    "teacher_topk_logprobs": ((n, t, k), lp),
-    "teacher_topk_ids": ((n, t, k), np.dtype("<i4")),
-    "teacher_tail_logmass": ((n, t), np.dtype("<f4")),
+    TEACHER_TOKENS: ((n, t), np.dtype("<i4")),
+    TOKEN_LOGPROBS: ((n, t), np.dtype("<f4")),
+    TOPK_LOGPROBS: ((n, t, k), lp),
+    TOPK_IDS: ((n, t, k), np.dtype("<i4")),
+    TAIL_LOGMASS: ((n, t), np.dtype("<f4")),
   }
   if spec.store_full_logprobs:
-    arrays["teacher_full_logprobs"] = ((n, t, v), lp)
+    arrays[FULL_LOGPROBS] = ((n, t, v), lp)
   s = spec.num_tail_samples
   if s:
-    arrays["teacher_sample_ids"] = ((n, t, s), np.dtype("<i4"))
-    arrays["teacher_sample_logprobs"] = ((n, t, s), np.dtype("<f4"))
+    arrays[SAMPLE_IDS] = ((n, t, s), np.dtype("<i4"))
+    arrays[SAMPLE_LOGPROBS] = ((n, t, s), np.dtype("<f4"))
     if spec.proposal_temperature != 1.0:
-      arrays["teacher_proposal_logprobs"] = ((n, t, s), np.dtype("<f4"))
+      arrays[PROPOSAL_LOGPROBS] = ((n, t, s), np.dtype("<f4"))
   return arrays
 
 
@@ -173,22 +207,22 @@ def encode_example(
   lengths = np.asarray(teacher_lengths, np.int64).reshape(-1)
   if lengths.shape != (spec.num_samples,):
     raise RecordError(f"teacher_lengths: expected [{spec.num_samples}], found {lengths.shape}")
-  values = dict(
-    teacher_tokens=teacher_tokens,
-    teacher_token_logprobs=teacher_token_logprobs,
-    teacher_topk_logprobs=teacher_topk_logprobs,
-    teacher_topk_ids=teacher_topk_ids,
-    teacher_tail_logmass=teacher_tail_logmass,
-  )
+  values = {
+    TEACHER_TOKENS: teacher_tokens,
+    TOKEN_LOGPROBS: teacher_token_logprobs,
+    TOPK_LOGPROBS: teacher_topk_logprobs,
+    TOPK_IDS: teacher_topk_ids,
+    TAIL_LOGMASS: teacher_tail_logmass,
+  }
   if spec.store_full_logprobs:
     if teacher_full_logprobs is None:
       raise RecordError("spec.store_full_logprobs is set but no full log-probs were given")
-    values["teacher_full_logprobs"] = teacher_full_logprobs
-  samples = dict(
-    teacher_sample_ids=teacher_sample_ids,
-    teacher_sample_logprobs=teacher_sample_logprobs,
-    teacher_proposal_logprobs=teacher_proposal_logprobs,
-  )
+    values[FULL_LOGPROBS] = teacher_full_logprobs
+  samples = {
+    SAMPLE_IDS: teacher_sample_ids,
+    SAMPLE_LOGPROBS: teacher_sample_logprobs,
+    PROPOSAL_LOGPROBS: teacher_proposal_logprobs,
+  }
   for name in _fixed_arrays(spec).keys() & samples.keys():
     if samples[name] is None:
       raise RecordError(f"example {example_index}: cache_form {spec.cache_form!r} needs {name}")
@@ -255,84 +289,17 @@ def shard_name(index: int, num_shards: int) -> str:
   return f"shard-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-# Paths with a scheme (gs://, s3://, ram://) go through tf.io.gfile, so a TPU
-# job can write records straight to a bucket; local paths use os, which can
-# fsync. On object stores a rename is a copy then delete, still never a
-# partly visible file under the final name.
-
-
-def _remote(path: str) -> bool:
-  return "://" in path
-
-
-def _gfile():
-  import tensorflow as tf
-
-  return tf.io.gfile
-
-
-def fs_open(path: str, mode: str):
-  return _gfile().GFile(path, mode) if _remote(path) else open(path, mode)
-
-
-def fs_exists(path: str) -> bool:
-  return _gfile().exists(path) if _remote(path) else os.path.exists(path)
-
-
-def fs_size(path: str) -> int:
-  return _gfile().stat(path).length if _remote(path) else os.path.getsize(path)
-
-
-def fs_listdir(path: str) -> list[str]:
-  return [p.rstrip("/") for p in _gfile().listdir(path)] if _remote(path) else os.listdir(path)
-
-
-def fs_makedirs(path: str):
-  _gfile().makedirs(path) if _remote(path) else os.makedirs(path, exist_ok=True)
-
-
-def _fs_remove(path: str):
-  _gfile().remove(path) if _remote(path) else os.remove(path)
-
-
-def _fs_commit(tmp: str, path: str):
-  """Renames a finished temporary file into place (durably, on local disks)."""
-  if _remote(path):
-    _gfile().rename(tmp, path, overwrite=True)
-    return
-  with open(tmp, "rb") as f:
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-  try:
-    os.fsync(fd)  # the rename itself
-  finally:
-    os.close(fd)
-
-
-def _tmp_name(path: str) -> str:
-  return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def atomic_write_bytes(path: str, data: bytes):
-  """Writes `data` to `path` so that readers see all of it or nothing."""
-  tmp = _tmp_name(path)
-  with fs_open(tmp, "wb") as f:
-    f.write(data)
-  _fs_commit(tmp, path)
-
-
 def write_shard(directory: str, index: int, num_shards: int, records: Sequence[bytes]) -> dict:
   """Writes one shard atomically, then its `.COMPLETED` marker; returns the marker."""
   import tensorflow as tf
 
   path = os.path.join(directory, shard_name(index, num_shards))
-  tmp = _tmp_name(path)
+  tmp = tmp_name(path)
   with tf.io.TFRecordWriter(tmp) as writer:
     for r in records:
       writer.write(r)
   digest = file_sha256(tmp)
-  _fs_commit(tmp, path)
+  fs_commit(tmp, path)
   marker = {"file": os.path.basename(path), "records": len(records), "sha256": digest}
   atomic_write_bytes(path + MARKER_SUFFIX, json.dumps(marker).encode())
   return marker
@@ -353,7 +320,7 @@ def remove_stale_temporaries(directory: str, names: Iterable[str]):
   for entry in fs_listdir(directory):
     base = entry.split(".tmp-")[0]
     if ".tmp-" in entry and (base in names or base.removesuffix(MARKER_SUFFIX) in names):
-      _fs_remove(os.path.join(directory, entry))
+      fs_remove(os.path.join(directory, entry))
 
 
 def write_manifest(directory: str, manifest: dict):
@@ -379,14 +346,6 @@ def read_manifest(directory: str) -> dict:
 
 def spec_from_manifest(manifest: dict) -> RecordSpec:
   return RecordSpec(**manifest["spec"])
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with fs_open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------

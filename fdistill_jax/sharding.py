@@ -75,6 +75,19 @@ def make_mesh(shape: Mapping[str, int] | Sequence[tuple[str, int]] | None = None
   return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
+def mesh_from_config(mesh_cfg):
+  """The (data, fsdp, model) mesh of `config.mesh`; a -1 axis takes the remaining devices.
+
+  Without a -1 the mesh uses the first prod(sizes) devices, so a test or a
+  small run can use fewer devices than the host has.
+  """
+  shape = {k: int(v) for k, v in dict(mesh_cfg).items()}
+  devices = jax.devices()
+  if -1 not in shape.values():
+    devices = devices[: math.prod(shape.values())]
+  return make_mesh(shape, devices=devices)
+
+
 def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:
   """Rules from a config: a mapping {logical: axes} or a sequence of (logical, axes) pairs."""
   if rules is None:

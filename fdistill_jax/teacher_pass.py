@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import divergences, models, runguard, sharding
+from fdistill_jax import checkpoints, divergences, models, runguard, sharding
 from fdistill_jax import records as rec
 
 # (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
@@ -50,11 +49,15 @@ Sampler = Callable
 
 @dataclasses.dataclass(frozen=True)
 class PassConfig:
-  """`config.teacher_pass`, typed (see configs/teacher_pass.py for the fields)."""
+  """`config.teacher_pass`, typed; configs/teacher_pass.py documents every field.
 
-  num_samples: int = 4
-  sampler: str = "sample"
-  sampler_params: tuple = ()  # sorted (name, value) pairs, e.g. temperature, top_p
+  The sampling fields have no default: `teacher_pass_config()` is their one
+  source. The other defaults are that config's.
+  """
+
+  num_samples: int  # N teacher sequences per input
+  sampler: str  # decoding method (fdistill_jax.decoding)
+  sampler_params: tuple = ()  # sorted (name, value) pairs, e.g. num_beams, temperature
   top_k: int = 64
   cache_form: str = "topk"  # "topk", "sampled" (top_k = 0) or "topk+sampled"
   num_tail_samples: int = 0  # S tail tokens drawn per position (forms with samples)
@@ -69,11 +72,15 @@ class PassConfig:
   split: str = "train"
   max_examples: int = 0  # 0: the whole split
   mesh: tuple = ()  # (axis, size) pairs for sharding.make_mesh; (): data-parallel only
+  out_dir: str = ""  # "": WORKDIR/teacher_records/SPLIT (`records.records_dir`)
 
   @classmethod
   def from_config(cls, cfg) -> PassConfig:
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dict(cfg).items() if k in fields}
+    values = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"teacher_pass config: unknown keys {unknown}; expected {sorted(known)}")
     params = values.get("sampler_params", ())
     if hasattr(params, "items"):
       values["sampler_params"] = tuple(sorted(dict(params).items()))
@@ -498,71 +505,16 @@ def _batch_arrays(batch: list[dict], pc: PassConfig, pad_id: int, eos_id: int | 
 # ---------------------------------------------------------------------------
 
 
-def load_teacher(teacher_config):
-  """(model, identity) of `config.teacher`: pretrained weights or a trainer checkpoint.
-
-  `teacher.pretrained` (dict(kind, path)) goes through `fdistill_jax.convert`;
-  otherwise `teacher.checkpoint` is a `fdistill_jax.checkpoints` folder whose
-  latest `state` item holds `params`, the pure dict of the model's
-  `nnx.Param` state, for the architecture `teacher.model`.
-  """
-  pretrained = teacher_config.get("pretrained")
-  if pretrained:
-    from fdistill_jax import convert
-
-    model, _ = convert.load_pretrained(pretrained)
-    return model, {"pretrained": dict(pretrained)}
-  path = teacher_config.get("checkpoint", "")
-  if not path:
-    raise ValueError(
-      "config.teacher: set `checkpoint` (a trained teacher) or `pretrained`; "
-      "the teacher pass needs trained weights"
-    )
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"config.teacher.checkpoint: {path} is not a folder")
-  import orbax.checkpoint as ocp
-
-  manager = ocp.CheckpointManager(
-    os.path.abspath(path),
-    item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-  )
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"config.teacher.checkpoint: no checkpoint in {path}")
-  # Restored into host arrays on every process: orbax refuses the saved
-  # shardings on another topology (a teacher trained on one host, used by a
-  # run of several), and the caller places the params on its own mesh anyway.
-  saved = manager.item_metadata(step).state
-  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  tree = restored.state
-  if "params" not in tree:
-    raise ValueError(f"{path} step {step}: state has {sorted(tree)}, expected a 'params' entry")
-  model = models.build_model(teacher_config.model, rngs=0)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def shapes(tree):  # orbax turns integer keys (layer numbers) into strings
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)  # noqa: E731
-    return {name(path): np.shape(v) for path, v in leaves}
-
-  want, found = shapes(nnx.to_pure_dict(params)), shapes(tree["params"])
-  bad = sorted(k for k in want.keys() | found.keys() if want.get(k) != found.get(k))
-  if bad:
-    detail = ", ".join(f"{k}: expected {want.get(k)}, found {found.get(k)}" for k in bad[:4])
-    raise ValueError(f"{path} step {step}: params do not fit config.teacher.model ({detail})")
-  nnx.replace_by_pure_dict(params, tree["params"])
-  identity = {"checkpoint": os.path.abspath(path), "step": int(step)}
-  return nnx.merge(graphdef, params, rest), identity
-
-
 def run(config, workdir: str):
   """`python -m fdistill_jax.main --mode=teacher_pass`: writes records_dir(config, workdir)."""
   from fdistill_jax.data import tasks
 
   pc = PassConfig.from_config(config.teacher_pass)
   task = tasks.get_task(config.task)
-  model, identity = load_teacher(config.teacher)
+  t = config.teacher
+  model, identity = checkpoints.load_model(
+    t.model, t.get("checkpoint", ""), t.get("pretrained"), trained=True
+  )
   out_dir = rec.records_dir(config, workdir)
   manifest = teacher_pass(model, task, out_dir, pc, teacher_identity=identity)
   if manifest is not None:

@@ -1,121 +1,87 @@
 """The training step: one optimizer update as a jitted function of a plain-pytree state.
 
-One optimizer update is one jitted call of the step built by `make_train_step`:
+`make_train_step(plan, ...)` builds it from the objective's `StepPlan`
+(`objectives.py`), which has decided everything below. Per micro-batch:
 
-1. The batch (global, sharded over the mesh's data and fsdp axes) is split
-   into `grad_accum_steps` micro-batches, scanned over.
-2. Per micro-batch, the sources the objective reads are assembled
-   (`objectives.OBJECTIVES[name].sources`): teacher sequences from the
-   records (`[B, N, T]` flattened to `[B * N, T]`), student samples drawn
-   *inside* the step with the configured sampler (greedy for ENGINE) under
-   `stop_gradient`, and the ground truth.
-3. The teacher (frozen; a non-donated argument, never checkpointed) runs
-   only on the rows whose objective needs its distribution and that the
-   records' top-k cannot serve.
-4. The student runs once on all its rows, concatenated along the batch
-   axis, and the loss of `objectives.compute_loss` is differentiated.
-5. Clipped, scheduled AdamW or Adafactor update; embeddings optionally frozen.
+1. `source_rows`: each source's `Rows` (records' teacher sequences
+   `[B, N, T]` as `[B * N, T]` with the stored top-k the plan reads, or
+   online teacher samples; student samples drawn in the step under
+   `stop_gradient`; the ground truth).
+2. `teacher_outputs`: the frozen teacher (not donated, never checkpointed)
+   on `plan.teacher_rows` only.
+3. `student_loss`: the student once on all rows, concatenated along the
+   batch axis; `objectives.compute_loss`, or `objectives.fused_loss` on
+   hidden states when `plan.fused`.
+4. `step`: gradients summed over `grad_accum_steps` micro-batches (a scan),
+   then the optimizer update (`optimizer.py`).
 
-The train state is a plain pytree `{"params", "opt_state", "step", "rng"}`
-donated to the step; its shardings come from the parameters' logical axes
-(`sharding.py`). PRNG keys for sampling derive from (seed, step,
-example_index), so the samples do not depend on the device count, the
+The state `{"params", "opt_state", "step", "rng"}` is donated; its shardings
+follow the parameters' logical axes (`sharding.py`). PRNG keys derive from
+(seed, step, example_index): samples do not depend on the device count, the
 micro-batch split or a restart. Metrics are (sum, count) pairs.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fdistill_jax import models, objectives, sharding
-from fdistill_jax.data.reader import SAMPLE_KEYS
-from fdistill_jax.fused_head import TeacherTopK, fused_divergence_loss
+from fdistill_jax import distributed, models, objectives, records, sharding
+from fdistill_jax.divergences import TeacherTopK
+from fdistill_jax.metrics import add_metrics
 
 Array = jax.Array
 
 # ---------------------------------------------------------------------------
-# Models as (graphdef, template, params) so jitted code takes plain pytrees.
+# 1. Sources: rows of each source.
 # ---------------------------------------------------------------------------
 
 
-class Frozen:
-  """A model split for jit: static `graphdef` + `template`, and `params` (pure dict)."""
+class RecordTeacher(NamedTuple):
+  """The records' teacher side of teacher rows: top-k `[R, T, K]`, token log-probs `[R, T]`."""
 
-  def __init__(self, model: nnx.Module):
-    self.graphdef, state = nnx.split(model, nnx.Param)
-    self.template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    self.params = nnx.to_pure_dict(state)
-    self.config = model.config
-
-  def merge(self, params) -> nnx.Module:
-    """The model with `params` (works on tracers inside jit)."""
-    state = jax.tree.map(lambda x: x, self.template)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
-
-  def shardings(self, mesh, rules=sharding.DEFAULT_RULES):
-    return nnx.to_pure_dict(sharding.named_shardings(self.template, mesh, rules))
+  topk: TeacherTopK
+  token_logprobs: Array
 
 
-# ---------------------------------------------------------------------------
-# Optimizer.
-# ---------------------------------------------------------------------------
+class Rows(NamedTuple):
+  """One source's rows, all `R` long: inputs / input_mask `[R, S]`, tokens / mask `[R, T]`.
+
+  teacher: the stored teacher side (teacher rows read with top-k), else None.
+  """
+
+  inputs: Array
+  input_mask: Array
+  tokens: Array
+  mask: Array
+  teacher: RecordTeacher | None = None
 
 
-def learning_rate_schedule(tc) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then linear decay to 0."""
-  warmup = max(int(tc.warmup_steps), 0)
-  total = max(int(tc.num_train_steps), warmup + 1)
-  up = optax.linear_schedule(0.0, tc.learning_rate, max(warmup, 1))
-  down = optax.linear_schedule(tc.learning_rate, 0.0, total - warmup)
-  if warmup == 0:
-    return down
-  return optax.join_schedules([up, down], [warmup])
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+  """The static pieces of a step (closed over by jit, never traced)."""
 
+  plan: objectives.StepPlan
+  student: models.SplitModel
+  teacher: models.SplitModel | None
+  sampler: Callable | None
+  teacher_sampler: Callable | None
+  length: int  # T of every source
+  num_teacher_samples: int  # of the records' N per input
+  dropout: bool
+  fused_chunk_size: int
 
-def _is_embedding(path) -> bool:
-  keys = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
-  return bool(keys & {"embed", "positions"})
-
-
-def make_optimizer(tc) -> optax.GradientTransformation:
-  """Clip-by-global-norm + AdamW or Adafactor (`tc.optimizer`), embeddings optionally frozen."""
-  schedule = learning_rate_schedule(tc)
-  if tc.optimizer == "adamw":
-    opt = optax.adamw(
-      schedule, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps, weight_decay=tc.weight_decay
-    )
-  elif tc.optimizer == "adafactor":
-    # The original EN-RO runs: Adafactor(scale_parameter=False, relative_step=False).
-    opt = optax.adafactor(
-      learning_rate=schedule, multiply_by_parameter_scale=False, weight_decay_rate=None
-    )
-  else:
-    raise ValueError(f"train.optimizer: expected 'adamw' or 'adafactor', found {tc.optimizer!r}")
-  tx = optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), opt)
-  if tc.freeze_embeddings:
-
-    def labels(params):
-      return jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if _is_embedding(path) else "train", params
-      )
-
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-  return tx
-
-
-# ---------------------------------------------------------------------------
-# The jitted step.
-# ---------------------------------------------------------------------------
+  @property
+  def pad_id(self) -> int:
+    return self.student.config.pad_id
 
 
 def _fit_length(x: Array, length: int, fill) -> Array:
@@ -132,291 +98,242 @@ def _fit_length(x: Array, length: int, fill) -> Array:
 def _flatten_samples(x: Array, n: int) -> Array:
   """`[B, N, ...]` -> the first n samples as `[B * n, ...]`."""
   x = x[:, :n]
-  return x.reshape((-1,) + x.shape[2:])
+  # An explicit row count: -1 cannot be inferred when a trailing axis is 0 (K = 0).
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _sample_result(result):
-  """Sampler output -> (tokens [B, n, T], lengths [B, n])."""
-  if hasattr(result, "tokens"):
-    return result.tokens, result.lengths
-  return result[0], result[-1]
-
-
-_NEUTRAL_SAMPLER_PARAMS = {
-  "temperature": 1.0,
-  "top_k": 0,
-  "top_p": 1.0,
-  "num_beams": 0,
-  "length_penalty": 1.0,
-}
-
-
-def sampler_params(sampler_cfg) -> dict:
-  """The `config.sampler` parameters that differ from their neutral value."""
-  return {
-    k: sampler_cfg[k]
-    for k, neutral in _NEUTRAL_SAMPLER_PARAMS.items()
-    if k in sampler_cfg and sampler_cfg[k] != neutral
-  }
-
-
-def default_sampler(decoding: str, sampler_cfg, max_len: int):
-  """The trainer's student sampler: (model, inputs, input_mask, keys) -> DecodeResult.
-
-  `decoding` is the objective's (`ObjectiveSpec.decoding`): "greedy" ignores
-  `config.sampler`; "sampler" uses it.
-  """
-  from fdistill_jax import decoding as dec
-
-  if decoding == "greedy":
-    return dec.make_model_sampler("greedy", num_samples=1, max_len=max_len)
-  return dec.make_model_sampler(
-    sampler_cfg.name,
-    num_samples=sampler_cfg.num_samples,
-    max_len=max_len,
-    **sampler_params(sampler_cfg),
+def _drawn_rows(parts: StepParts, sampler, model, inputs, input_mask, keys) -> Rows:
+  """Samples of `model` (stop-gradient) as rows `[B * n, ...]`."""
+  result = sampler(model, inputs, input_mask, keys)
+  tokens = jax.lax.stop_gradient(result.tokens)
+  n = tokens.shape[1]
+  mask = (jnp.arange(tokens.shape[-1]) < result.lengths[..., None]).astype(jnp.float32)
+  tokens = jnp.where(mask > 0, tokens, parts.pad_id)
+  return Rows(
+    jnp.repeat(inputs, n, axis=0),
+    jnp.repeat(input_mask, n, axis=0),
+    _fit_length(tokens.reshape(-1, tokens.shape[-1]), parts.length, parts.pad_id).astype(jnp.int32),
+    _fit_length(mask.reshape(-1, mask.shape[-1]), parts.length, 0.0),
   )
 
 
+def _record_rows(parts: StepParts, batch) -> Rows:
+  """The records' teacher sequences (and stored top-k, when the plan reads it)."""
+  n, length = parts.num_teacher_samples, parts.length
+
+  def rows(key, fill):
+    return _fit_length(_flatten_samples(batch[key], n), length, fill)
+
+  teacher = None
+  if parts.plan.use_topk:
+    topk = TeacherTopK(
+      rows(records.TOPK_LOGPROBS, 0.0),
+      rows(records.TOPK_IDS, 0),
+      rows(records.TAIL_LOGMASS, 0.0),
+      **{field: rows(key, 0) for key, field in records.SAMPLE_KEYS.items() if key in batch},
+    )
+    teacher = RecordTeacher(topk, rows(records.TOKEN_LOGPROBS, 0.0))
+  return Rows(
+    jnp.repeat(batch["inputs"], n, axis=0),
+    jnp.repeat(batch["input_mask"], n, axis=0),
+    rows(records.TEACHER_TOKENS, parts.pad_id),
+    rows(records.TEACHER_MASK, 0.0),
+    teacher,
+  )
+
+
+def source_rows(parts: StepParts, params, batch, key, teacher_params) -> dict[str, Rows]:
+  """source -> `Rows` for every source of the plan, in `objectives.SOURCES` order."""
+  plan, out = parts.plan, {}
+  inputs, input_mask = batch["inputs"], batch["input_mask"]
+  index = batch["example_index"].astype(jnp.int32)
+  if plan.online_teacher:
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, 1), i))(index)
+    model = parts.teacher.merge(jax.lax.stop_gradient(teacher_params))
+    out["teacher"] = _drawn_rows(parts, parts.teacher_sampler, model, inputs, input_mask, keys)
+  elif "teacher" in plan.sources:
+    out["teacher"] = _record_rows(parts, batch)
+  if "student" in plan.sources:
+    model = parts.student.merge(jax.lax.stop_gradient(params))
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+    out["student"] = _drawn_rows(parts, parts.sampler, model, inputs, input_mask, keys)
+  if "ground_truth" in plan.sources:
+    out["ground_truth"] = Rows(
+      inputs,
+      input_mask,
+      _fit_length(batch["targets"], parts.length, parts.pad_id),
+      _fit_length(batch["target_mask"].astype(jnp.float32), parts.length, 0.0),
+    )
+  return out
+
+
+def _concat(rows: list[Rows]) -> tuple[Array, Array, Array, Array]:
+  """(inputs, input_mask, tokens, mask) of `rows` stacked along the batch axis."""
+  return tuple(jnp.concatenate([r[i] for r in rows], axis=0) for i in range(4))
+
+
+def _split(x: Array, sizes: list[int]) -> list[Array]:
+  return jnp.split(x, np.cumsum(sizes)[:-1])
+
+
+# ---------------------------------------------------------------------------
+# 2. Teacher forward, on the plan's teacher rows.
+# ---------------------------------------------------------------------------
+
+
+class TeacherOut(NamedTuple):
+  """The teacher on one source: logits `[R, T, V]` (unfused) or final hidden
+  `[R, T, Dt]` (fused), per-layer hidden states, and its head (fused only)."""
+
+  logits_or_hidden: Array
+  layer_hidden: tuple
+  head: tuple | None
+
+
+def teacher_outputs(parts: StepParts, rows: dict[str, Rows], teacher_params) -> dict:
+  """source -> `TeacherOut` for each of `plan.teacher_rows` (all stop-gradient)."""
+  names = [n for n in rows if n in parts.plan.teacher_rows]
+  if not names:
+    return {}
+  fused = parts.plan.fused
+  model = parts.teacher.merge(teacher_params)
+  out = models.forward(model, *_concat([rows[n] for n in names]), with_logits=not fused)
+  sizes = [rows[n].tokens.shape[0] for n in names]
+  main = _split(jax.lax.stop_gradient(out.hidden if fused else out.logits), sizes)
+  layers = [_split(jax.lax.stop_gradient(h), sizes) for h in out.layer_hidden]
+  head = jax.lax.stop_gradient(models.output_head(model)) if fused else None
+  return {n: TeacherOut(main[i], tuple(h[i] for h in layers), head) for i, n in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------
+# 3. Loss: the student on all rows at once.
+# ---------------------------------------------------------------------------
+
+
+def student_loss(parts: StepParts, params, rows: dict[str, Rows], teacher: dict, key):
+  """(loss, metrics) of the plan on `rows`, differentiable in the student's `params`."""
+  plan = parts.plan
+  model = parts.student.merge(params)
+  dropout_rng = jax.random.fold_in(key, 1) if parts.dropout else None
+  out = models.forward(
+    model, *_concat(list(rows.values())), dropout_rng=dropout_rng, with_logits=not plan.fused
+  )
+  sizes = [r.tokens.shape[0] for r in rows.values()]
+  if plan.fused:
+    hidden = dict(zip(rows, _split(out.hidden, sizes), strict=True))
+    fused = {}
+    for n, r in rows.items():
+      t = teacher.get(n)
+      fused[n] = objectives.FusedSource(
+        hidden[n],
+        r.mask,
+        teacher_topk=r.teacher.topk if r.teacher is not None else None,
+        teacher_hidden=t.logits_or_hidden if t is not None else None,
+        teacher_head=t.head if t is not None else None,
+      )
+    return objectives.fused_loss(plan, fused, models.output_head(model), parts.fused_chunk_size)
+  logits = _split(out.logits, sizes)
+  layers = [_split(h, sizes) for h in out.layer_hidden] if plan.hidden else None
+  sources = {}
+  for i, (n, r) in enumerate(rows.items()):
+    t = teacher.get(n)
+    sources[n] = objectives.terms.Source(
+      tokens=r.tokens,
+      mask=r.mask,
+      student_logits=logits[i],
+      teacher_logits=t.logits_or_hidden if t is not None else None,
+      teacher_topk=r.teacher.topk if r.teacher is not None else None,
+      teacher_token_logprobs=r.teacher.token_logprobs if r.teacher is not None else None,
+      student_hidden=tuple(h[i] for h in layers) if layers else None,
+      teacher_hidden=t.layer_hidden if (plan.hidden and t is not None) else None,
+    )
+  return objectives.compute_loss(plan, sources)
+
+
+def micro_grads(parts: StepParts, params, batch, teacher_params, key):
+  """(grads, metrics) of one micro-batch."""
+  rows = source_rows(parts, params, batch, jax.random.fold_in(key, 0), teacher_params)
+  teacher = teacher_outputs(parts, rows, teacher_params)
+  grad_fn = jax.value_and_grad(lambda p: student_loss(parts, p, rows, teacher, key), has_aux=True)
+  (_, metrics), grads = grad_fn(params)
+  return grads, metrics
+
+
+# ---------------------------------------------------------------------------
+# 4. The step: accumulate, update.
+# ---------------------------------------------------------------------------
+
+
 def make_train_step(
-  obj_cfg: objectives.ObjectiveConfig,
-  student: Frozen,
+  plan: objectives.StepPlan,
+  student: models.SplitModel,
   tx: optax.GradientTransformation,
   *,
-  teacher: Frozen | None = None,
+  teacher: models.SplitModel | None = None,
   sampler: Callable | None = None,
+  teacher_sampler: Callable | None = None,
   grad_accum_steps: int = 1,
   num_teacher_samples: int = 1,
   max_target_len: int,
-  use_topk: bool = True,
   dropout: bool = False,
-  teacher_sampler: Callable | None = None,
-  fused_head: bool = True,
   fused_chunk_size: int = 512,
 ):
   """`step(state, batch, teacher_params) -> (state, metrics)`, not yet jitted.
 
   Args:
-    obj_cfg: the objective.
-    student / teacher: the split models (teacher None when not needed).
-    sampler: student sampler (see `default_sampler`); needed when the
-      objective reads student samples.
+    plan: the objective's plan (`objectives.plan_from_config`).
+    student / teacher: the split models (teacher None when the plan does not
+      need it).
+    sampler: student sampler (see `default_sampler`), when the plan reads
+      student samples; teacher_sampler: the online teacher's sampler, when
+      `plan.online_teacher`.
     num_teacher_samples: how many of the records' N teacher sequences per
       input are used (each a separate row, weighted per token).
     max_target_len: T of every source (teacher rows, samples, ground truth).
-    use_topk: take the teacher's distribution on teacher sequences from the
-      batch's stored top-k (no teacher forward there).
     dropout: student dropout (the model's `dropout_rate`) in the loss pass.
-    teacher_sampler: draw the teacher sequences in the step with this sampler
-      (online, the original's kl_sample/js_sample) instead of reading them
-      from the batch; the teacher's distribution then comes from its logits.
-    fused_head: compute the loss from hidden states with the output head
-      fused in (`fused_head.fused_divergence_loss`, `fused_chunk_size` tokens
-      at a time), so no `[rows, T, V]` logits exist, for the teacher either;
-      objectives without a fused form (`objectives.fused_terms`) run unfused.
+    fused_chunk_size: tokens per chunk of the fused loss (`plan.fused`).
   """
-  spec = obj_cfg.spec
-  length = max_target_len
-  pad_id = student.config.pad_id
-  online = teacher_sampler is not None and "teacher" in spec.sources
-  needs_topk = use_topk and not online and "teacher" in spec.teacher_dist
-  teacher_on = set(spec.teacher_dist) - ({"teacher"} if needs_topk else set())
-  if spec.hidden:
-    teacher_on |= set(spec.sources)
-  if teacher_on and teacher is None:
-    raise ValueError(f"objective {obj_cfg.name!r} needs the teacher model at train time")
-  if "student" in spec.sources and sampler is None:
-    raise ValueError(f"objective {obj_cfg.name!r} samples the student: a sampler is needed")
+  if plan.teacher_model and teacher is None:
+    raise ValueError(f"objective {plan.name!r} needs the teacher model at train time")
+  if "student" in plan.sources and sampler is None:
+    raise ValueError(f"objective {plan.name!r} samples the student: a sampler is needed")
+  if plan.online_teacher and teacher_sampler is None:
+    raise ValueError("online teacher sampling needs a teacher sampler")
+  parts = StepParts(
+    plan, student, teacher, sampler, teacher_sampler, max_target_len, num_teacher_samples,
+    dropout, fused_chunk_size,
+  )  # fmt: skip
 
-  if online and teacher is None:
-    raise ValueError("online teacher sampling needs the teacher model")
-  fused = objectives.fused_terms(obj_cfg) if fused_head else None
+  def accumulated(params, batch, teacher_params, key):
+    if grad_accum_steps == 1:
+      return micro_grads(parts, params, batch, teacher_params, key)
 
-  def draw(sampler_fn, model, inputs, input_mask, keys):
-    """Samples as rows: (inputs, input_mask, tokens, mask) `[B * n, ...]`."""
-    tokens, lengths = _sample_result(sampler_fn(model, inputs, input_mask, keys))
-    tokens = jax.lax.stop_gradient(tokens)
-    n = tokens.shape[1]
-    mask = (jnp.arange(tokens.shape[-1]) < lengths[..., None]).astype(jnp.float32)
-    tokens = jnp.where(mask > 0, tokens, pad_id)
-    return (
-      jnp.repeat(inputs, n, axis=0),
-      jnp.repeat(input_mask, n, axis=0),
-      _fit_length(tokens.reshape(-1, tokens.shape[-1]), length, pad_id).astype(jnp.int32),
-      _fit_length(mask.reshape(-1, mask.shape[-1]), length, 0.0),
-      {},
-    )
+    # Micro-batch i takes rows i, i + A, i + 2A, ...: the leading (sharded)
+    # axis stays the batch axis, so no resharding is needed.
+    def split(x):
+      b = x.shape[0]
+      if b % grad_accum_steps:
+        raise ValueError(f"batch {b} not divisible by grad_accum_steps {grad_accum_steps}")
+      return x.reshape((b // grad_accum_steps, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1)
 
-  def sources_for(params, batch, key, teacher_params):
-    """Row blocks: name -> (inputs, input_mask, tokens, mask, extras)."""
-    blocks = {}
-    inputs, input_mask = batch["inputs"], batch["input_mask"]
-    index = batch["example_index"].astype(jnp.int32)
-    if online:
-      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, 1), i))(index)
-      t_model = teacher.merge(jax.lax.stop_gradient(teacher_params))
-      blocks["teacher"] = draw(teacher_sampler, t_model, inputs, input_mask, keys)
-    elif "teacher" in spec.sources:
-      n = num_teacher_samples
-      extras = {}
-      if needs_topk:
-        extras["topk"] = TeacherTopK(
-          _fit_length(_flatten_samples(batch["teacher_topk_logprobs"], n), length, 0.0),
-          _fit_length(_flatten_samples(batch["teacher_topk_ids"], n), length, 0),
-          _fit_length(_flatten_samples(batch["teacher_tail_logmass"], n), length, 0.0),
-          **{
-            field: _fit_length(_flatten_samples(batch[key], n), length, 0)
-            for key, field in SAMPLE_KEYS.items()
-            if key in batch
-          },
-        )
-        extras["token_logprobs"] = _fit_length(
-          _flatten_samples(batch["teacher_token_logprobs"], n), length, 0.0
-        )
-      blocks["teacher"] = (
-        jnp.repeat(inputs, n, axis=0),
-        jnp.repeat(input_mask, n, axis=0),
-        _fit_length(_flatten_samples(batch["teacher_tokens"], n), length, pad_id),
-        _fit_length(_flatten_samples(batch["teacher_mask"], n), length, 0.0),
-        extras,
-      )
-    if "student" in spec.sources:
-      model = student.merge(jax.lax.stop_gradient(params))
-      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-      blocks["student"] = draw(sampler, model, inputs, input_mask, keys)
-    if "ground_truth" in spec.sources:
-      blocks["ground_truth"] = (
-        inputs,
-        input_mask,
-        _fit_length(batch["targets"], length, pad_id),
-        _fit_length(batch["target_mask"].astype(jnp.float32), length, 0.0),
-        {},
-      )
-    return blocks
+    micro = jax.tree.map(split, batch)
 
-  def concat(blocks, names, index):
-    return jnp.concatenate([blocks[n][index] for n in names], axis=0)
+    def body(carry, xs):
+      i, mb = xs
+      g, m = micro_grads(parts, params, mb, teacher_params, jax.random.fold_in(key, i))
+      acc_g, acc_m = carry
+      return (jax.tree.map(jnp.add, acc_g, g), add_metrics(acc_m, m)), None
 
-  def micro_loss(params, batch, teacher_params, key):
-    blocks = sources_for(params, batch, jax.random.fold_in(key, 0), teacher_params)
-    names = list(blocks)
-    sizes = [blocks[n][0].shape[0] for n in names]
-    splits = np.cumsum(sizes)[:-1]
-    teacher_out, t_head = {}, None
-    t_names = [n for n in names if n in teacher_on]
-    if t_names:
-      t_model = teacher.merge(teacher_params)
-      out = models.forward(
-        t_model,
-        concat(blocks, t_names, 0),
-        concat(blocks, t_names, 1),
-        concat(blocks, t_names, 2),
-        concat(blocks, t_names, 3),
-        with_logits=fused is None,
-      )
-      cut = np.cumsum([blocks[n][0].shape[0] for n in t_names])[:-1]
-      if fused is None:
-        logits = jnp.split(jax.lax.stop_gradient(out.logits), cut)
-      else:  # the fused loss computes teacher logits chunk by chunk from these
-        logits = jnp.split(jax.lax.stop_gradient(out.hidden), cut)
-        t_head = jax.lax.stop_gradient(models.output_head(t_model))
-      hidden = [jnp.split(jax.lax.stop_gradient(h), cut) for h in out.layer_hidden]
-      for i, n in enumerate(t_names):
-        teacher_out[n] = (logits[i], tuple(h[i] for h in hidden))
-
-    def loss_fn(p):
-      s_model = student.merge(p)
-      dropout_rng = jax.random.fold_in(key, 1) if dropout else None
-      out = models.forward(
-        s_model,
-        concat(blocks, names, 0),
-        concat(blocks, names, 1),
-        concat(blocks, names, 2),
-        concat(blocks, names, 3),
-        dropout_rng=dropout_rng,
-        with_logits=fused is None,
-      )
-      if fused is not None:
-        return fused_loss(s_model, jnp.split(out.hidden, splits))
-      logits = jnp.split(out.logits, splits)
-      hidden = [jnp.split(h, splits) for h in out.layer_hidden] if spec.hidden else None
-      srcs = {}
-      for i, n in enumerate(names):
-        _, _, tokens, mask, extras = blocks[n]
-        t_logits, t_hidden = teacher_out.get(n, (None, None))
-        srcs[n] = objectives.Source(
-          tokens=tokens,
-          mask=mask,
-          student_logits=logits[i],
-          teacher_logits=t_logits,
-          teacher_topk=extras.get("topk"),
-          teacher_token_logprobs=extras.get("token_logprobs"),
-          student_hidden=tuple(h[i] for h in hidden) if hidden else None,
-          teacher_hidden=t_hidden if spec.hidden else None,
-        )
-      return objectives.compute_loss(obj_cfg, srcs)
-
-    def fused_loss(s_model, hidden):
-      """sum weight * mean D(p || q) per source, from hidden states (see `fused_terms`)."""
-      w, scale = models.output_head(s_model)
-      where = {n: i for i, n in enumerate(names)}
-      metrics, loss = {}, jnp.zeros((), jnp.float32)
-      for term in fused:
-        _, _, _, mask, extras = blocks[term.source]
-        teacher_args = (
-          {"teacher_topk": extras["topk"]}
-          if "topk" in extras
-          else {"teacher_hidden": teacher_out[term.source][0], "teacher_head": t_head}
-        )
-        total, count = fused_divergence_loss(
-          term.divergence,
-          hidden[where[term.source]],
-          w,
-          scale,
-          mask,
-          temperature=obj_cfg.temperature,
-          chunk_size=fused_chunk_size,
-          **teacher_args,
-          **term.params,
-        )
-        metrics[f"{term.source}/{term.metric}"] = (total, count)
-        mean = jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
-        loss = loss + term.weight * mean
-        metrics[f"{term.source}/tokens"] = (count, jnp.ones((), jnp.float32))
-      metrics["loss"] = (loss, jnp.ones((), jnp.float32))
-      return loss, metrics
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    del loss
-    return grads, metrics
+    first = jax.tree.map(lambda x: x[0], micro)
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    init = micro_grads(parts, params, first, teacher_params, jax.random.fold_in(key, 0))
+    (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(1, grad_accum_steps), rest))
+    return jax.tree.map(lambda g: g / grad_accum_steps, grads), metrics
 
   def step(state, batch, teacher_params):
     params = state["params"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    if grad_accum_steps == 1:
-      grads, metrics = micro_loss(params, batch, teacher_params, key)
-    else:
-      # Micro-batch i takes rows i, i + A, i + 2A, ...: the leading (sharded)
-      # axis stays the batch axis, so no resharding is needed.
-      def split(x):
-        b = x.shape[0]
-        if b % grad_accum_steps:
-          raise ValueError(f"batch {b} not divisible by grad_accum_steps {grad_accum_steps}")
-        return x.reshape((b // grad_accum_steps, grad_accum_steps) + x.shape[1:]).swapaxes(0, 1)
-
-      micro = jax.tree.map(split, batch)
-
-      def body(carry, xs):
-        i, mb = xs
-        g, m = micro_loss(params, mb, teacher_params, jax.random.fold_in(key, i))
-        acc_g, acc_m = carry
-        return (jax.tree.map(jnp.add, acc_g, g), objectives.add_metrics(acc_m, m)), None
-
-      first = jax.tree.map(lambda x: x[0], micro)
-      rest = jax.tree.map(lambda x: x[1:], micro)
-      init = micro_loss(params, first, teacher_params, jax.random.fold_in(key, 0))
-      (grads, metrics), _ = jax.lax.scan(body, init, (jnp.arange(1, grad_accum_steps), rest))
-      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+    grads, metrics = accumulated(params, batch, teacher_params, key)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     one = jnp.ones((), jnp.float32)
@@ -436,20 +353,7 @@ def make_train_step(
 # ---------------------------------------------------------------------------
 
 
-def make_mesh(mesh_cfg):
-  """The (data, fsdp, model) mesh of `config.mesh`; a -1 axis takes the remaining devices.
-
-  Without a -1 the mesh uses the first prod(sizes) devices, so a test or a
-  small run can use fewer devices than the host has.
-  """
-  shape = {k: int(v) for k, v in dict(mesh_cfg).items()}
-  devices = jax.devices()
-  if -1 not in shape.values():
-    devices = devices[: math.prod(shape.values())]
-  return sharding.make_mesh(shape, devices=devices)
-
-
-def init_state(student: Frozen, tx, seed: int, mesh, rules=sharding.DEFAULT_RULES):
+def init_state(student: models.SplitModel, tx, seed: int, mesh, rules=sharding.DEFAULT_RULES):
   """(state, state_shardings): parameters placed by their logical axes, optimizer state alike."""
   param_shardings = student.shardings(mesh, rules)
   # may_alias=False: the state is donated to the step, which must not delete
@@ -488,7 +392,5 @@ def put_batch(batch: dict, mesh, rules=sharding.DEFAULT_RULES) -> dict:
   if "example_index" in batch:
     batch["example_index"] = batch["example_index"].astype(np.int32)
   if jax.process_count() > 1:
-    from fdistill_jax import distributed
-
     return distributed.make_global_batch(batch, mesh)
   return sharding.shard_batch(batch, mesh, rules)

@@ -46,12 +46,12 @@ def config(objective: str = "js", **train) -> ml_collections.ConfigDict:
 
 def sampler_for(objective: str):
   """The configured student sampler of `objective` (None when it draws none)."""
-  from fdistill_jax import objectives, train
+  from fdistill_jax import decoding, objectives
 
-  decoding = objectives.OBJECTIVES[objective].decoding
-  if decoding is None:
+  mode = objectives.ObjectiveConfig(name=objective).plan().decoding
+  if mode is None:
     return None
-  return train.default_sampler(decoding, config(objective).sampler, T)
+  return decoding.default_sampler(mode, config(objective).sampler, T)
 
 
 def make_batch(i: int, teacher=None) -> dict:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fdistill_jax import config_checks, models, train
+from fdistill_jax import config_checks, main, models
 from tests import _train_helpers as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def test_out_of_range_values_name_the_key(section, field, value, expected):
   assert str(e.value) == want
   # The trainer's own entry point runs the same checks, before anything compiles.
   with pytest.raises(config_checks.ConfigError, match=f"config.{section}.{field}"):
-    train.check_config(c, models.ModelConfig.from_config(c.student.model))
+    main.check_config(c, models.ModelConfig.from_config(c.student.model))
 
 
 def test_zero_steps_are_refused_in_the_pipeline_and_the_teacher_pass():

@@ -184,7 +184,7 @@ def _pipeline_worker(run_dir: str) -> None:
   config = pipeline_config(run_dir)
   distributed.initialize(config)
   distributed.install_log_filter()
-  from fdistill_jax import checkpoints, runguard, teacher_pass, train
+  from fdistill_jax import checkpoints, main, runguard, teacher_pass, train
 
   teacher_pass.run(config, run_dir)
   if jax.process_count() > 1:
@@ -196,12 +196,12 @@ def _pipeline_worker(run_dir: str) -> None:
     loop = train.train_loop
     train.train_loop = functools.partial(loop, guard=guard, step_callback=stop)
     try:
-      train.run(config, run_dir)
+      main.run_distill(config, run_dir)
       raise AssertionError("the preempted run returned instead of raising runguard.Preempted")
     except runguard.Preempted:
       pass  # every process saved at the same step and stopped
     train.train_loop = loop
-  result = train.run(config, run_dir)
+  result = main.run_distill(config, run_dir)
   assert result["step"] == DISTILL_STEPS and not result["preempted"]
   with open(os.path.join(run_dir, f"distill_metrics_{jax.process_index()}.json"), "w") as f:
     json.dump(result["metrics"], f)
@@ -215,18 +215,20 @@ def _pipeline_reference_worker(run_dir: str) -> None:
   Also saves the student's initial parameters (`init.npz`), to show that
   training moved them.
   """
-  from fdistill_jax import models, train
+  from fdistill_jax import models
+  from fdistill_jax.data import reader
 
-  def both_streams(config, workdir, vocab_size, fingerprint=None):
+  def both_streams(config, workdir, use_topk, vocab_size, fingerprint=None):
+    del use_topk  # the records hold top-k
     from fdistill_jax import records
 
     directory = records.records_dir(config, workdir)
     return lambda position: _BothProcessStreams(config, directory, vocab_size, fingerprint)
 
-  train._records_data = both_streams
+  reader.records_data_fn = both_streams
   _pipeline_worker(run_dir)
   config = pipeline_config(run_dir)
-  init = train.Frozen(models.build_model(config.student.model, rngs=config.train.seed)).params
+  init = models.SplitModel(models.build_model(config.student.model, rngs=config.train.seed)).params
   np.savez(os.path.join(run_dir, "init.npz"), **_flat(init))
 
 
@@ -426,11 +428,11 @@ def test_two_processes_match_one_process_and_numpy(tmp_path):
 
 def _write_inputs(base):
   """The pipeline's task file and its teacher: a trainer checkpoint, params over 8 devices."""
-  from fdistill_jax import checkpoints, models, train
+  from fdistill_jax import checkpoints, models, sharding
 
   (base / "train.tsv").write_text("".join(f"{s}\t{s.split()[-1]} {s}\n" for s in _SOURCES))
-  teacher = train.Frozen(models.build_model(models.get_preset("t5-tiny"), rngs=0))
-  mesh = train.make_mesh({"data": 4, "model": 2})
+  teacher = models.SplitModel(models.build_model(models.get_preset("t5-tiny"), rngs=0))
+  mesh = sharding.mesh_from_config({"data": 4, "model": 2})
   ckpt = checkpoints.Checkpointer(str(base / "teacher"), async_save=False)
   ckpt.save(1, {"params": jax.device_put(teacher.params, teacher.shardings(mesh))})
   ckpt.close()

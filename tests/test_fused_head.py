@@ -40,7 +40,7 @@ def _inputs(seed=0, hidden_dtype=jnp.float32, masked_vocab=False):
     "scale": scale,
     "weights": jnp.asarray(weights),
     "t_logits": jnp.asarray(t_logits),
-    "topk": fused_head.TeacherTopK(topk_lp, topk_ids, tail),
+    "topk": divergences.TeacherTopK(topk_lp, topk_ids, tail),
     "t_hidden": jnp.asarray(t_hidden),
     "t_w": jnp.asarray(t_w),
     "t_scale": 0.7,

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill_jax import divergences, objectives
-from fdistill_jax.fused_head import TeacherTopK
+from fdistill_jax import divergences, metrics, objectives, terms
+from fdistill_jax.divergences import TeacherTopK
 
 B, T, V = 3, 5, 7
 
@@ -60,7 +60,7 @@ def _source(seed, hidden=False):
 
 
 def _jax_source(d, teacher=True):
-  return objectives.Source(
+  return terms.Source(
     tokens=jnp.asarray(d["tokens"]),
     mask=jnp.asarray(d["mask"], jnp.float32),
     student_logits=jnp.asarray(d["s"], jnp.float32),
@@ -133,11 +133,11 @@ def _all_sources():
 def test_objective_matches_float64_reference(name):
   srcs = _all_sources()
   cfg = objectives.ObjectiveConfig.from_config(CONFIGS[name])
-  loss, metrics = objectives.compute_loss(cfg, {k: _jax_source(v) for k, v in srcs.items()})
+  loss, metrics_ = objectives.compute_loss(cfg.plan(), {k: _jax_source(v) for k, v in srcs.items()})
   np.testing.assert_allclose(float(loss), _expected(name, srcs), rtol=2e-5, atol=1e-6)
-  means = objectives.metric_means(metrics)
+  means = metrics.metric_means(metrics_)
   assert means["loss"] == pytest.approx(float(loss))
-  for source in cfg.spec.sources:
+  for source in cfg.plan().sources:
     assert means[f"{source}/tokens"] == srcs[source]["mask"].sum()
 
 
@@ -153,7 +153,7 @@ def test_topk_with_k_equal_v_matches_full_teacher_logits(name):
   jsrcs = {k: _jax_source(v) for k, v in srcs.items()}
   jsrcs["teacher"] = _jax_source(te, teacher=False)._replace(teacher_topk=topk)
   cfg = objectives.ObjectiveConfig.from_config(CONFIGS[name])
-  loss, _ = objectives.compute_loss(cfg, jsrcs)
+  loss, _ = objectives.compute_loss(cfg.plan(), jsrcs)
   np.testing.assert_allclose(float(loss), _expected(name, srcs), rtol=2e-5, atol=1e-6)
 
 
@@ -193,7 +193,7 @@ def test_exact_js_matches_prefix_weighted_reference(with_topk):
       teacher_token_logprobs=jnp.asarray(tok_lp, jnp.float32),
     )
   cfg = objectives.ObjectiveConfig(name="js", beta=beta, exact_js=True)
-  loss, _ = objectives.compute_loss(cfg, jsrcs)
+  loss, _ = objectives.compute_loss(cfg.plan(), jsrcs)
   np.testing.assert_allclose(float(loss), expected, rtol=2e-5, atol=1e-6)
 
 
@@ -226,8 +226,8 @@ def test_padding_and_masked_rows_do_not_change_the_loss(name):
   srcs = _all_sources()
   padded = {k: _pad(v, 3, 2, seed=i) for i, (k, v) in enumerate(srcs.items())}
   cfg = objectives.ObjectiveConfig.from_config(CONFIGS[name])
-  a, _ = objectives.compute_loss(cfg, {k: _jax_source(v) for k, v in srcs.items()})
-  b, _ = objectives.compute_loss(cfg, {k: _jax_source(v) for k, v in padded.items()})
+  a, _ = objectives.compute_loss(cfg.plan(), {k: _jax_source(v) for k, v in srcs.items()})
+  b, _ = objectives.compute_loss(cfg.plan(), {k: _jax_source(v) for k, v in padded.items()})
   np.testing.assert_allclose(float(a), float(b), rtol=1e-5, atol=1e-6)
 
 
@@ -245,7 +245,7 @@ def test_gradients_are_finite_and_never_reach_the_teacher(name):
     mixed = {
       k: s._replace(student_logits=student[k], teacher_logits=teacher[k]) for k, s in srcs.items()
     }
-    return objectives.compute_loss(cfg, mixed)[0]
+    return objectives.compute_loss(cfg.plan(), mixed)[0]
 
   student = {k: s.student_logits for k, s in srcs.items()}
   teacher = {k: s.teacher_logits for k, s in srcs.items()}
@@ -253,29 +253,31 @@ def test_gradients_are_finite_and_never_reach_the_teacher(name):
   chex.assert_tree_all_finite(g_student)
   for g in jax.tree.leaves(g_teacher):
     assert float(jnp.abs(g).max()) == 0.0
-  used = cfg.spec.sources
+  used = cfg.plan().sources
   assert any(float(jnp.abs(g_student[k]).max()) > 0 for k in used)
 
 
 def test_jit_gives_the_same_value():
   srcs = {k: _jax_source(v) for k, v in _all_sources().items()}
   cfg = objectives.ObjectiveConfig(name="js", beta=0.85)
-  eager, _ = objectives.compute_loss(cfg, srcs)
-  jitted, _ = jax.jit(lambda s: objectives.compute_loss(cfg, s))(srcs)
+  eager, _ = objectives.compute_loss(cfg.plan(), srcs)
+  jitted, _ = jax.jit(lambda s: objectives.compute_loss(cfg.plan(), s))(srcs)
   np.testing.assert_allclose(float(eager), float(jitted), rtol=1e-6)
 
 
-def test_spec_table_says_when_the_teacher_model_is_needed():
-  spec = objectives.OBJECTIVES
-  assert not spec["kl"].needs_teacher_model(teacher_topk=True)
-  assert spec["kl"].needs_teacher_model(teacher_topk=False)
-  assert not spec["seqkd"].needs_teacher_model(teacher_topk=False)
-  assert not spec["mle"].needs_teacher_model(teacher_topk=False)
+def test_plan_says_when_the_teacher_model_is_needed():
+  def plan(name, **kw):
+    return objectives.ObjectiveConfig(name=name, **kw).plan()
+
+  assert not plan("kl").teacher_model
+  assert plan("kl", use_teacher_topk=False).teacher_model
+  assert not plan("seqkd", use_teacher_topk=False).teacher_model
+  assert not plan("mle", use_teacher_topk=False).teacher_model
   for name in ("rkl", "js", "tvd", "fdiv", "engine", "kd", "predistill"):
-    assert spec[name].needs_teacher_model(teacher_topk=True), name
-  assert spec["engine"].decoding == "greedy"
-  assert spec["js"].decoding == "sampler"
-  assert spec["kl"].decoding is None
+    assert plan(name).teacher_model, name
+  assert plan("engine").decoding == "greedy"
+  assert plan("js").decoding == "sampler"
+  assert plan("kl").decoding is None
 
 
 @pytest.mark.parametrize(
@@ -295,32 +297,30 @@ def test_bad_configs_raise_clear_messages(cfg, message):
 def test_missing_source_raises():
   with pytest.raises(ValueError, match="needs the 'student' source"):
     objectives.compute_loss(
-      objectives.ObjectiveConfig(name="rkl"), {"teacher": _jax_source(_source(0))}
+      objectives.ObjectiveConfig(name="rkl").plan(), {"teacher": _jax_source(_source(0))}
     )
 
 
 def test_default_layer_map_spreads_evenly():
-  assert objectives.default_layer_map(3, 12) == (0, 6, 11)  # HF's LAYERS_TO_COPY[12][3]
-  assert objectives.default_layer_map(1, 12) == (11,)
-  assert objectives.default_layer_map(4, 4) == (0, 1, 2, 3)
+  assert terms.default_layer_map(3, 12) == (0, 6, 11)  # HF's LAYERS_TO_COPY[12][3]
+  assert terms.default_layer_map(1, 12) == (11,)
+  assert terms.default_layer_map(4, 4) == (0, 1, 2, 3)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS) + ["fdiv_js"])
-def test_fused_terms_describe_the_same_loss(name):
+def test_fused_forms_describe_the_same_loss(name):
   config = dict(name="fdiv", divergence="js") if name == "fdiv_js" else CONFIGS[name]
-  cfg = objectives.ObjectiveConfig.from_config(config)
-  terms = objectives.fused_terms(cfg)
-  if terms is None:
+  plan = objectives.ObjectiveConfig.from_config(config).plan(fused_head=True)
+  if not plan.fused:
     assert name in ("seqkd", "engine", "mle", "predistill")
     return
   srcs = {k: _jax_source(v) for k, v in _all_sources().items()}
-  expected, expected_metrics = objectives.compute_loss(cfg, srcs)
+  expected, expected_metrics = objectives.compute_loss(plan, srcs)
   total = 0.0
-  for term in terms:
+  for term in plan.terms:
     s = srcs[term.source]
-    values = divergences.divergence(
-      term.divergence, s.teacher_logits, s.student_logits, **term.params
-    )
+    divergence, params = term.fused
+    values = divergences.divergence(divergence, s.teacher_logits, s.student_logits, **dict(params))
     num, den = divergences.weighted_sum(values, s.mask)
     # The same metric key and value as the unfused objective reports.
     np.testing.assert_allclose(
@@ -332,7 +332,7 @@ def test_fused_terms_describe_the_same_loss(name):
 
 def test_exact_js_has_no_fused_form():
   cfg = objectives.ObjectiveConfig.from_config(dict(name="js", exact_js=True))
-  assert objectives.fused_terms(cfg) is None
+  assert not cfg.plan(fused_head=True).fused
 
 
 def test_fdiv_js_is_the_full_js_divergence_on_both_sources():
@@ -342,7 +342,7 @@ def test_fdiv_js_is_the_full_js_divergence_on_both_sources():
   cfg = objectives.ObjectiveConfig.from_config(
     dict(name="fdiv", divergence="js", divergence_params={"beta": 0.3}, student_weight=0.4)
   )
-  loss, _ = objectives.compute_loss(cfg, {k: _jax_source(v) for k, v in srcs.items()})
+  loss, _ = objectives.compute_loss(cfg.plan(), {k: _jax_source(v) for k, v in srcs.items()})
   parts = []
   for side in ("student", "teacher"):
     d = srcs[side]
@@ -351,3 +351,54 @@ def test_fdiv_js_is_the_full_js_divergence_on_both_sources():
     )
     parts.append(_np_mean(js, d["mask"]))
   np.testing.assert_allclose(float(loss), 0.4 * parts[0] + 0.6 * parts[1], rtol=2e-5)
+
+
+def test_every_declared_objective_has_a_reference_config():
+  assert sorted(CONFIGS) == sorted(objectives.OBJECTIVES)
+
+
+@pytest.mark.parametrize("name", sorted(objectives.OBJECTIVES))
+def test_every_objective_runs_unfused_and_fused_or_is_declared_unfusable(name):
+  """Both loss forms come from the plan's terms: equal on the same rows."""
+  plan = objectives.ObjectiveConfig.from_config(CONFIGS[name]).plan(fused_head=True)
+  unfusable = [t for t in plan.terms if t.fused is None]
+  assert plan.fused == (not unfusable)
+  # A term is unfusable only for what the fused head cannot compute.
+  assert all(
+    t.kind in (objectives.NLL, objectives.ENGINE, objectives.HIDDEN_MSE)
+    or (t.kind == objectives.JS_SIDE and plan.config.exact_js)
+    for t in unfusable
+  )
+  if not plan.fused:
+    with pytest.raises(ValueError, match="no fused form"):
+      objectives.fused_loss(plan, {}, (None, 1.0), 4)
+    return
+  rng = np.random.default_rng(5)
+  d, dt = 4, 3
+  w, wt = rng.normal(size=(d, V)), rng.normal(size=(dt, V))
+  logit_srcs, fused_srcs = {}, {}
+  for i, source in enumerate(plan.sources):
+    src = _source(10 + i)
+    h, ht = rng.normal(size=(B, T, d)), rng.normal(size=(B, T, dt))
+    src["s"], src["t"] = h @ w * 0.5, ht @ wt
+    logit_srcs[source] = _jax_source(src)
+    fused_srcs[source] = objectives.FusedSource(
+      jnp.asarray(h, jnp.float32),
+      jnp.asarray(src["mask"], jnp.float32),
+      teacher_hidden=jnp.asarray(ht, jnp.float32),
+      teacher_head=(jnp.asarray(wt, jnp.float32), 1.0),
+    )
+  expected, expected_metrics = objectives.compute_loss(plan, logit_srcs)
+  loss, found = objectives.fused_loss(plan, fused_srcs, (jnp.asarray(w, jnp.float32), 0.5), 4)
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5, atol=1e-6)
+  assert sorted(found) == sorted(expected_metrics)
+  for key, (total, count) in expected_metrics.items():
+    np.testing.assert_allclose(float(found[key][0]), float(total), rtol=1e-5, atol=1e-6)
+    assert float(found[key][1]) == float(count)
+
+
+def test_objective_defaults_are_the_configs():
+  from configs import distill
+
+  found = objectives.ObjectiveConfig.from_config(distill.objective_config())
+  assert found == objectives.ObjectiveConfig()

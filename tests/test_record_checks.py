@@ -12,7 +12,7 @@ from ml_collections import ConfigDict, config_flags
 
 from fdistill_jax import record_checks
 from fdistill_jax import records as rec
-from fdistill_jax.data.reader import RecordReader
+from fdistill_jax.data.reader import RecordReader, records_data_fn
 from tests.test_records import SPEC, damage, header, make_folder, random_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,13 +129,13 @@ def test_edited_topk_in_the_manifest_is_refused_on_open(tmp_path):
 def test_trainer_refuses_an_edited_manifest_before_building_models(tmp_path, monkeypatch):
   from tests.test_records import _distill_on_records
 
-  train, c, directory = _distill_on_records(tmp_path, monkeypatch)
+  _, c, directory = _distill_on_records(tmp_path, monkeypatch)
   path = directory / rec.MANIFEST_NAME
   manifest = json.loads(path.read_text())
   spec = {**manifest["spec"], "num_samples": 3, "max_target_len": 5}
   path.write_text(json.dumps({**manifest, "spec": spec}))
   with pytest.raises(rec.RecordError, match=r"says num_samples=3, max_target_len=5, .* holds "):
-    train._records_data(c, str(tmp_path), SPEC.vocab_size)
+    records_data_fn(c, str(tmp_path), True, SPEC.vocab_size)
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def _records_of(directory, teacher: dict, fingerprint: str):
 def test_distill_compares_the_records_teacher_with_the_loaded_one(
   tmp_path, monkeypatch, same_teacher
 ):
-  from fdistill_jax import models, teacher_pass, train
+  from fdistill_jax import checkpoints, main, models, teacher_pass, train
   from fdistill_jax.data import tasks
   from tests import _train_helpers as h
 
@@ -170,13 +170,13 @@ def test_distill_compares_the_records_teacher_with_the_loaded_one(
   _records_of(directory, {"checkpoint": "/elsewhere", "params_sha256": made_by}, fingerprint)
   c.teacher_pass.out_dir = str(directory)
   c.teacher.checkpoint = "/the/teacher"
-  monkeypatch.setattr(train, "load_model", lambda *a, **k: teacher)
-  monkeypatch.setattr(train, "train_loop", lambda *a, **k: "trained")
+  monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: (teacher, {}))
+  monkeypatch.setattr(train, "train_loop", lambda *a, **k: {"preempted": False})
   if same_teacher:
-    assert train.run(c, str(tmp_path / "work")) == "trained"
+    assert main.run_distill(c, str(tmp_path / "work")) == {"preempted": False}
     return
   with pytest.raises(rec.RecordError) as e:
-    train.run(c, str(tmp_path / "work"))
+    main.run_distill(c, str(tmp_path / "work"))
   message = str(e.value)
   assert str(directory / rec.MANIFEST_NAME) in message
   assert f"params_sha256 {made_by}" in message
@@ -246,12 +246,12 @@ def test_finalising_a_finished_folder_writes_nothing(tmp_path, monkeypatch):
 def test_skip_corrupt_is_a_config_key_the_trainer_reads(tmp_path, monkeypatch):
   from tests.test_records import _distill_on_records
 
-  train, c, _ = _distill_on_records(tmp_path, monkeypatch)
+  _, c, _ = _distill_on_records(tmp_path, monkeypatch)
   directory = tmp_path / "damaged"
   make_folder(directory, num_examples=8, per_shard=4)
   path = damage(directory, "flip", record=1)
   c.teacher_pass.out_dir = str(directory)
-  data_fn = train._records_data(c, str(tmp_path), SPEC.vocab_size, None)
+  data_fn = records_data_fn(c, str(tmp_path), True, SPEC.vocab_size, None)
   with pytest.raises(rec.RecordError, match=f"{path}: record 1"):
     data_fn(None)
   # As `--config.teacher_pass.skip_corrupt=true` sets it:
@@ -264,7 +264,7 @@ def test_skip_corrupt_is_a_config_key_the_trainer_reads(tmp_path, monkeypatch):
   values(argv)
   assert values.config.teacher_pass.skip_corrupt is True
   c.teacher_pass.skip_corrupt = values.config.teacher_pass.skip_corrupt
-  reader = train._records_data(c, str(tmp_path), SPEC.vocab_size, None)(None)
+  reader = records_data_fn(c, str(tmp_path), True, SPEC.vocab_size, None)(None)
   assert reader.skipped == {path: 1}
   reader.close()
 
@@ -273,7 +273,7 @@ def test_the_teacher_fingerprint_is_the_same_through_every_loader_and_place(tmp_
   """What the pass records (load_teacher) is what distill computes (load_model), moved or not."""
   from flax import nnx
 
-  from fdistill_jax import checkpoints, models, teacher_pass, train
+  from fdistill_jax import checkpoints, models, teacher_pass
 
   cfg = models.get_preset("t5-tiny")
   teacher = models.build_model(cfg, 7)
@@ -281,12 +281,10 @@ def test_the_teacher_fingerprint_is_the_same_through_every_loader_and_place(tmp_
   saver.save(3, {"params": nnx.to_pure_dict(nnx.state(teacher, nnx.Param)), "step": 3})
   saver.close()
   shutil.copytree(tmp_path / "ckpt", tmp_path / "moved")
-  model, identity = teacher_pass.load_teacher(
-    ConfigDict({"model": cfg, "checkpoint": str(tmp_path / "ckpt")})
-  )
+  model, identity = checkpoints.load_model(cfg, str(tmp_path / "ckpt"), trained=True)
   recorded = teacher_pass.params_fingerprint(model)
   for folder in ("ckpt", "moved"):
-    loaded = train.load_model(cfg, str(tmp_path / folder))
+    loaded, _ = checkpoints.load_model(cfg, str(tmp_path / folder))
     assert teacher_pass.params_fingerprint(loaded) == recorded
   assert identity["checkpoint"] == str(tmp_path / "ckpt")
   assert teacher_pass.params_fingerprint(models.build_model(cfg, 8)) != recorded

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fdistill_jax import records as rec
-from fdistill_jax.data.reader import RecordReader
+from fdistill_jax.data.reader import RecordReader, records_data_fn
 
 SPEC = rec.RecordSpec(
   num_samples=2, max_input_len=7, max_target_len=6, top_k=4, vocab_size=32, pad_id=0
@@ -382,27 +382,27 @@ def _no_training(*args, **kwargs):
 
 def _distill_on_records(tmp_path, monkeypatch, objective="kl"):
   """A distill config reading `make_folder` records; models and the loop must not start."""
-  from fdistill_jax import train
+  from fdistill_jax import checkpoints, main
   from tests import _train_helpers as h
 
   directory = tmp_path / "records"
   make_folder(directory, num_examples=4, per_shard=2)
   c = h.config(objective, max_input_len=SPEC.max_input_len)
   c.teacher_pass.out_dir = str(directory)
-  monkeypatch.setattr(train, "train_loop", _no_training)
-  monkeypatch.setattr(train, "load_model", _no_training)
-  monkeypatch.setattr(train.models, "build_model", _no_training)
-  return train, c, directory
+  monkeypatch.setattr(main.train, "train_loop", _no_training)
+  monkeypatch.setattr(checkpoints, "load_model", _no_training)
+  monkeypatch.setattr(main.models, "build_model", _no_training)
+  return main, c, directory
 
 
 def test_trainer_refuses_records_of_another_tokenizer(tmp_path, monkeypatch):
   from fdistill_jax.data import tasks
 
-  train, c, directory = _distill_on_records(tmp_path, monkeypatch)
+  main, c, directory = _distill_on_records(tmp_path, monkeypatch)
   task_fingerprint = tasks.get_task(c.task).tokenizer.fingerprint()
   assert task_fingerprint != FINGERPRINT
   with pytest.raises(rec.RecordError) as e:
-    train.run(c, str(tmp_path / "work"))
+    main.run_distill(c, str(tmp_path / "work"))
   message = str(e.value)
   assert str(directory / rec.MANIFEST_NAME) in message
   assert f"made with tokenizer {FINGERPRINT}" in message
@@ -411,8 +411,8 @@ def test_trainer_refuses_records_of_another_tokenizer(tmp_path, monkeypatch):
 
 def test_trainer_reader_checks_the_fingerprint_on_every_open(tmp_path, monkeypatch):
   """The reader the loop opens (also on resume) gets the fingerprint, not only the first check."""
-  train, c, directory = _distill_on_records(tmp_path, monkeypatch)
-  data_fn = train._records_data(c, str(tmp_path), 32, FINGERPRINT)
+  _, c, directory = _distill_on_records(tmp_path, monkeypatch)
+  data_fn = records_data_fn(c, str(tmp_path), True, 32, FINGERPRINT)
   assert next(data_fn(None))["teacher_tokens"].shape[-1] == 6
   path = directory / rec.MANIFEST_NAME
   path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_fingerprint": "0ther"}))
@@ -423,7 +423,7 @@ def test_trainer_reader_checks_the_fingerprint_on_every_open(tmp_path, monkeypat
 
 
 def test_trainer_refuses_records_without_topk(tmp_path, monkeypatch):
-  train, c, directory = _distill_on_records(tmp_path, monkeypatch)
+  _, c, directory = _distill_on_records(tmp_path, monkeypatch)
   path = directory / rec.MANIFEST_NAME
   manifest = json.loads(path.read_text())
   for spec in (
@@ -432,7 +432,7 @@ def test_trainer_refuses_records_without_topk(tmp_path, monkeypatch):
   ):
     path.write_text(json.dumps({**manifest, "spec": spec}))
     with pytest.raises(ValueError) as e:
-      train._records_data(c, str(tmp_path), 32)
+      records_data_fn(c, str(tmp_path), True, 32)
     message = str(e.value)
     assert not isinstance(e.value, KeyError)
     assert message.startswith(f"{path}: objective.use_teacher_topk=True")
@@ -443,7 +443,7 @@ def test_trainer_refuses_records_without_topk(tmp_path, monkeypatch):
 
 def test_trainer_refuses_batches_without_topk_before_compiling(tmp_path, monkeypatch):
   """Batches without the top-k keys: a ValueError saying what to change, not a KeyError."""
-  from fdistill_jax import models, train
+  from fdistill_jax import models, train, train_step
   from tests import _train_helpers as h
 
   def no_compile(*args, **kwargs):
@@ -452,7 +452,7 @@ def test_trainer_refuses_batches_without_topk_before_compiling(tmp_path, monkeyp
   c = h.config("kl")
   batch = {k: v for k, v in h.make_batch(0).items() if not k.startswith("teacher_topk")}
   student = models.build_model(c.student.model, rngs=0)
-  monkeypatch.setattr(train, "jit_step", lambda *a, **k: no_compile)
+  monkeypatch.setattr(train_step, "jit_step", lambda *a, **k: no_compile)
   with pytest.raises(ValueError) as e:
     train.train_loop(c, str(tmp_path), student=student, data_fn=lambda p: iter([batch]))
   message = str(e.value)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from fdistill_jax import checkpoints, models, pipeline, runguard, train
+from fdistill_jax import checkpoints, metrics, models, pipeline, runguard, train
 from fdistill_jax import records as rec
 from tests import _train_helpers as h
 
@@ -155,7 +155,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_good_check
   for step, leaves in saved.items():
     assert all(np.isfinite(x).all() for x in leaves), step
   assert f"last good checkpoint: step {bad - 1}" in message
-  rows = train.read_metrics(str(tmp_path))
+  rows = metrics.read_metrics(str(tmp_path))
   assert [r["step"] for r in rows] == list(range(1, bad))
   assert all(np.isfinite(r["train/loss"]) for r in rows)
 
@@ -306,7 +306,7 @@ def test_sigterm_on_the_command_line_exits_75_after_saving(tmp_path):
     cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
   )  # fmt: skip
   deadline = time.time() + 240
-  while not train.read_metrics(str(workdir)) and child.poll() is None and time.time() < deadline:
+  while not metrics.read_metrics(str(workdir)) and child.poll() is None and time.time() < deadline:
     time.sleep(0.5)
   child.send_signal(signal.SIGTERM)
   out, _ = child.communicate(timeout=240)
@@ -337,6 +337,6 @@ def test_a_resume_leaves_no_duplicate_metric_rows(tmp_path):
   # A finished run started again trains nothing and evaluates nothing again.
   out = train.train_loop(c, workdir, student=_student(), data_fn=h.data_fn(), eval_fn=eval_fn)
   assert out["eval"] == {"nll": 4.0} and evals == [4, 4]
-  rows = train.read_metrics(workdir)
+  rows = metrics.read_metrics(workdir)
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
   assert [r["step"] for r in rows if "eval/nll" in r] == [4]

@@ -228,7 +228,7 @@ def _small_cache(seed=3, lead=(3, 7), vocab=50, k=5, num_samples=6, masked_vocab
   draws = np.stack([rng.choice(vocab, size=num_samples, p=r / r.sum()) for r in flat_r])
   draws = draws.reshape(*lead, num_samples)
   tail = np.log(np.sum(np.where(in_tail, np.exp(lp), 0.0), -1))
-  return fused_head.TeacherTopK(
+  return divergences.TeacherTopK(
     logprobs=jnp.asarray(np.take_along_axis(lp, ids, -1), jnp.float32),
     ids=jnp.asarray(ids, jnp.int32),
     tail_logmass=jnp.asarray(tail, jnp.float32),

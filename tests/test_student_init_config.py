@@ -4,18 +4,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import fdistill_jax.train as T
 from configs import distill
-from fdistill_jax import models, train
+from fdistill_jax import checkpoints, main, models, train
 from fdistill_jax.models import presets
 
 
 def test_student_init_copies_teacher_layers(tmp_path, monkeypatch):
   teacher = models.build_model(presets.get_preset("t5-tiny", vocab_size=128), rngs=1)
   captured = {}
-  monkeypatch.setattr(T, "load_model", lambda *a, **k: teacher)
+  monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: (teacher, {}))
   monkeypatch.setattr(
-    T, "train_loop", lambda config, workdir, *, student, **kw: captured.setdefault("s", student)
+    train, "train_loop", lambda config, workdir, *, student, **kw: captured.setdefault("s", student)
   )
   config = distill.get_config("mle")
   config.unlock()
@@ -24,7 +23,7 @@ def test_student_init_copies_teacher_layers(tmp_path, monkeypatch):
   )
   config.student.init = ml_collections.ConfigDict(dict(encoder_layers=[1], decoder_layers=[0]))
   config.train.eval_every_steps = 0
-  train.run(config, str(tmp_path))
+  main.run_distill(config, str(tmp_path))
   student = captured["s"]
   assert student.config.num_layers == 1
   s_state = nnx.state(student, nnx.Param).flat_state()

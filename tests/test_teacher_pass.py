@@ -4,6 +4,7 @@ Run as a script (`python -m tests.test_teacher_pass OUT_DIR KILL_AT_SHARD`),
 this module is the child process of the SIGKILL test.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -63,6 +64,7 @@ class FakeTask:
 
 PASS = tp.PassConfig(
   num_samples=2,
+  sampler="sample",
   top_k=5,
   records_per_shard=4,
   batch_size=8,
@@ -263,7 +265,7 @@ def test_restart_with_other_settings_is_refused(reference, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_load_teacher_from_a_trainer_checkpoint(tmp_path):
+def test_load_model_from_a_trainer_checkpoint(tmp_path):
   from flax import nnx
   from ml_collections import ConfigDict
 
@@ -274,14 +276,14 @@ def test_load_teacher_from_a_trainer_checkpoint(tmp_path):
   saver.save(3, {"params": nnx.to_pure_dict(nnx.state(teacher, nnx.Param)), "step": 3})
   saver.close()
   config = ConfigDict({"model": models.get_preset("t5-tiny"), "checkpoint": str(tmp_path / "ckpt")})
-  model, identity = tp.load_teacher(config)
+  model, identity = checkpoints.load_model(config.model, config.checkpoint, trained=True)
   assert identity["step"] == 3
   chex.assert_trees_all_equal(nnx.state(model), nnx.state(teacher))
   config.model.d_ff = 32
   with pytest.raises(ValueError, match="params do not fit config.teacher.model.*expected"):
-    tp.load_teacher(config)
+    checkpoints.load_model(config.model, config.checkpoint, trained=True)
   with pytest.raises(ValueError, match="set `checkpoint`"):
-    tp.load_teacher(ConfigDict({"model": models.get_preset("t5-tiny"), "checkpoint": ""}))
+    checkpoints.load_model(models.get_preset("t5-tiny"), "", trained=True)
 
 
 def test_inspect_prints_manifest_and_decoded_records(reference, monkeypatch, capsys):
@@ -417,3 +419,18 @@ def _child(out_dir: str, kill_at_shard: int):
 
 if __name__ == "__main__":
   _child(sys.argv[1], int(sys.argv[2]))
+
+
+def test_pass_config_rejects_unknown_keys_and_its_defaults_are_the_configs():
+  from configs import teacher_pass as teacher_pass_configs
+
+  c = teacher_pass_configs.teacher_pass_config()
+  pc = tp.PassConfig.from_config(c)
+  assert pc.sampler_params == (("num_beams", 4),) and pc.mesh == (("data", -1),)
+  for field in dataclasses.fields(tp.PassConfig):
+    if field.default is not dataclasses.MISSING and field.name not in ("sampler_params", "mesh"):
+      assert getattr(pc, field.name) == field.default, field.name
+  c.unlock()
+  c.num_sample = 2  # a typo
+  with pytest.raises(ValueError, match=r"unknown keys \['num_sample'\]"):
+    tp.PassConfig.from_config(c)

@@ -10,7 +10,18 @@ import jax
 import numpy as np
 import pytest
 
-from fdistill_jax import checkpoints, models, objectives, train
+from fdistill_jax import (
+  checkpoints,
+  decoding,
+  main,
+  metrics,
+  models,
+  objectives,
+  optimizer,
+  sharding,
+  train,
+  train_step,
+)
 from tests import _train_helpers as h
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,37 +35,34 @@ def tiny():
 
 
 def _step_setup(objective, student, teacher, mesh_shape, online=False, **train_overrides):
-  c = h.config(objective, **train_overrides)
-  obj = objectives.ObjectiveConfig.from_config(c.objective)
-  fs = train.Frozen(student)
-  needed = obj.spec.needs_teacher_model(obj.use_teacher_topk) or online
-  ft = train.Frozen(teacher) if needed else None
-  tx = train.make_optimizer(c.train)
-  step_fn = train.make_train_step(
-    obj,
+  c = h.config(objective, online_teacher=online, **train_overrides)
+  plan = objectives.plan_from_config(c)
+  fs = models.SplitModel(student)
+  ft = models.SplitModel(teacher) if plan.teacher_model else None
+  tx = optimizer.make_optimizer(c.train)
+  step_fn = train_step.make_train_step(
+    plan,
     fs,
     tx,
     teacher=ft,
     sampler=h.sampler_for(objective),
+    teacher_sampler=decoding.default_sampler("sampler", c.sampler, h.T) if online else None,
     grad_accum_steps=c.train.grad_accum_steps,
     num_teacher_samples=c.train.num_teacher_samples,
     max_target_len=h.T,
-    use_topk=obj.use_teacher_topk,
-    teacher_sampler=train.default_sampler("sampler", c.sampler, h.T) if online else None,
-    fused_head=c.train.fused_head,
     fused_chunk_size=7,  # does not divide the token count: exercises the padded chunk
   )
-  mesh = train.make_mesh(mesh_shape)
-  state, shardings = train.init_state(fs, tx, 0, mesh)
+  mesh = sharding.mesh_from_config(mesh_shape)
+  state, shardings = train_step.init_state(fs, tx, 0, mesh)
   tparams = jax.device_put(ft.params, ft.shardings(mesh)) if ft else None
-  return train.jit_step(step_fn, shardings, mesh), state, tparams, mesh
+  return train_step.jit_step(step_fn, shardings, mesh), state, tparams, mesh
 
 
 @pytest.mark.parametrize("objective", sorted(objectives.OBJECTIVES))
 def test_a_few_steps_reduce_the_loss(tiny, objective):
   student, teacher = tiny
   step, state, tparams, mesh = _step_setup(objective, student, teacher, {"data": 1})
-  batch = train.put_batch(h.make_batch(0, teacher), mesh)
+  batch = train_step.put_batch(h.make_batch(0, teacher), mesh)
   losses = []
   for _ in range(8):
     state, metrics = step(state, batch, tparams)
@@ -72,9 +80,9 @@ def test_online_teacher_sequences_are_drawn_in_the_step(tiny):
   # The records' teacher arrays are not read: garbage there changes nothing.
   poisoned = dict(batch, teacher_tokens=batch["teacher_tokens"] * 0 + 7)
   poisoned["teacher_mask"] = np.ones_like(batch["teacher_mask"])
-  _, m1 = step(state, train.put_batch(batch, mesh), tparams)
+  _, m1 = step(state, train_step.put_batch(batch, mesh), tparams)
   step, state, tparams, mesh = _step_setup("kl", student, teacher, {"data": 1}, online=True)
-  _, m2 = step(state, train.put_batch(poisoned, mesh), tparams)
+  _, m2 = step(state, train_step.put_batch(poisoned, mesh), tparams)
   assert float(m1["loss"][0]) == float(m2["loss"][0]) > 0
   # One sample per input (config.sampler.num_samples), not the records' N.
   assert 0 < float(m1["teacher/tokens"][0]) <= h.B * h.T
@@ -91,7 +99,7 @@ def test_fused_head_step_equals_the_unfused_step(tiny, objective):
     step, state, tparams, mesh = _step_setup(
       objective, student, teacher, {"data": 1}, fused_head=fused, learning_rate=1e-3
     )
-    state, metrics = step(state, train.put_batch(h.make_batch(0, teacher), mesh), tparams)
+    state, metrics = step(state, train_step.put_batch(h.make_batch(0, teacher), mesh), tparams)
     results.append((jax.device_get(metrics), jax.device_get(state["params"])))
   (m0, p0), (m1, p1) = results
   assert sorted(m0) == sorted(m1)
@@ -105,7 +113,7 @@ def test_one_and_eight_devices_give_the_same_step(tiny):
   results = []
   for shape in ({"data": 1}, {"data": 2, "fsdp": 2, "model": 2}):
     step, state, tparams, mesh = _step_setup("js", student, teacher, shape, learning_rate=1e-3)
-    batch = train.put_batch(h.make_batch(0, teacher), mesh)
+    batch = train_step.put_batch(h.make_batch(0, teacher), mesh)
     losses = []
     for _ in range(2):
       state, metrics = step(state, batch, tparams)
@@ -130,7 +138,7 @@ def test_gradient_accumulation_matches_the_full_batch(tiny):
     step, state, tparams, mesh = _step_setup(
       "mle", student, teacher, {"data": 1}, grad_accum_steps=accum
     )
-    state, _ = step(state, train.put_batch(full, mesh), tparams)
+    state, _ = step(state, train_step.put_batch(full, mesh), tparams)
     params.append(jax.device_get(state["params"]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
 
@@ -139,11 +147,11 @@ def test_frozen_embeddings_do_not_move(tiny, tmp_path):
   student, teacher = tiny
   c = h.config("mle", freeze_embeddings=True, num_train_steps=3)
   out = train.train_loop(c, str(tmp_path), student=student, data_fn=h.data_fn())
-  before = train.Frozen(student).params
+  before = models.SplitModel(student).params
   np.testing.assert_array_equal(out["params"]["embed"]["embedding"], before["embed"]["embedding"])
   moved = out["params"]["decoder"]["final_norm"]["scale"] - before["decoder"]["final_norm"]["scale"]
   assert np.abs(moved).max() > 0
-  rows = train.read_metrics(str(tmp_path))
+  rows = metrics.read_metrics(str(tmp_path))
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert all(np.isfinite(r["train/loss"]) for r in rows)
 
@@ -248,7 +256,7 @@ def test_bad_configs_raise_before_compiling(change, message):
   c = h.config("js")
   change(c)
   with pytest.raises(ValueError, match=message):
-    train.check_config(
+    main.check_config(
       c,
       models.ModelConfig.from_config(c.student.model),
       models.ModelConfig.from_config(c.teacher.model),
@@ -259,14 +267,14 @@ def test_max_target_len_over_the_position_table_raises():
   c = h.config("mle", max_target_len=4096)
   c.student.model = models.get_preset("bart-tiny")
   with pytest.raises(ValueError, match="max_positions"):
-    train.check_config(c, models.ModelConfig.from_config(c.student.model))
+    main.check_config(c, models.ModelConfig.from_config(c.student.model))
 
 
 def test_decoder_only_lengths_count_prompt_and_continuation():
   c = h.config("mle", max_input_len=100, max_target_len=40)
   c.student.model = models.get_preset("gpt2-tiny")  # max_positions 128
   with pytest.raises(ValueError, match="max_input_len 100 exceeds"):
-    train.check_config(c, models.ModelConfig.from_config(c.student.model))
+    main.check_config(c, models.ModelConfig.from_config(c.student.model))
 
 
 def test_paper_settings_pass_the_config_checks():
@@ -275,7 +283,7 @@ def test_paper_settings_pass_the_config_checks():
   for setting in distill_paper.SETTINGS:
     for objective in objectives.OBJECTIVES:
       c = distill_paper.get_config(f"{setting}:{objective}")
-      train.check_config(
+      main.check_config(
         c,
         models.ModelConfig.from_config(c.student.model),
         models.ModelConfig.from_config(c.teacher.model),
@@ -295,7 +303,7 @@ def test_locked_config_rejects_unknown_keys():
 
 def test_learning_rate_schedule_warms_up_then_decays_to_zero():
   c = h.config("mle", warmup_steps=10, num_train_steps=30, learning_rate=1.0)
-  lr = train.learning_rate_schedule(c.train)
+  lr = optimizer.learning_rate_schedule(c.train)
   assert float(lr(0)) == 0.0
   assert float(lr(5)) == pytest.approx(0.5)
   assert float(lr(10)) == pytest.approx(1.0)
@@ -320,7 +328,7 @@ def test_command_line_modes_train_a_teacher_then_distill_from_its_checkpoint(tmp
   tc.model.update(dict(d_model=16, d_ff=32, num_heads=2, num_layers=1))
   tc.train.update(small)
   tc.mesh.data = 1
-  out = train.run_teacher(tc, str(tmp_path / "teacher"))
+  out = main.run_teacher(tc, str(tmp_path / "teacher"))
   assert out["step"] == 2 and np.isfinite(out["eval"]["nll"])
   assert os.path.isdir(tmp_path / "teacher" / "tensorboard")
 
@@ -330,20 +338,20 @@ def test_command_line_modes_train_a_teacher_then_distill_from_its_checkpoint(tmp
   dc.student.model.update(dict(d_model=16, d_ff=32, num_heads=2))
   dc.train.update(small)
   dc.mesh.data = 1
-  out = train.run(dc, str(tmp_path / "rkl"))
+  out = main.run_distill(dc, str(tmp_path / "rkl"))
   assert out["step"] == 2
-  rows = train.read_metrics(str(tmp_path / "rkl"))
+  rows = metrics.read_metrics(str(tmp_path / "rkl"))
   train_rows = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train_rows] == [1, 2]
   assert all(r["train/student/tokens"] > 0 for r in train_rows)
-  teacher_rows = train.read_metrics(str(tmp_path / "teacher"))
+  teacher_rows = metrics.read_metrics(str(tmp_path / "teacher"))
   assert [r["step"] for r in teacher_rows if "eval/nll" in r] == [2]
 
 
 def test_distills_from_teacher_pass_records(tmp_path):
   """The records reader feeds the trainer: top-k teacher side, reader position checkpointed."""
   from fdistill_jax import teacher_pass as tp
-  from fdistill_jax.data import tasks
+  from fdistill_jax.data import reader, tasks
 
   c = h.config("js", num_train_steps=2, max_input_len=32, max_target_len=10, batch_size=4)
   c.task.max_examples = 8
@@ -365,7 +373,7 @@ def test_distills_from_teacher_pass_records(tmp_path):
   tp.teacher_pass(
     teacher, task, c.teacher_pass.out_dir, pc, progress=False, devices=jax.devices()[:1]
   )
-  data_fn = train._records_data(c, str(tmp_path), 128)
+  data_fn = reader.records_data_fn(c, str(tmp_path), True, 128)
   student = models.build_model(c.student.model, rngs=0)
   out = train.train_loop(
     c, str(tmp_path / "run"), student=student, teacher=teacher, data_fn=data_fn

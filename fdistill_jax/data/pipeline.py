@@ -18,6 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -201,3 +202,29 @@ def _take(data: PaddedSplit, rows: np.ndarray, size: int, pad_id: int) -> dict[s
       "example_index": pad(batch["example_index"], -1),
     }
   return batch
+
+
+def ground_truth_data_fn(config, task, split: str):
+  """position -> this process's repeating, shuffled batches of `split` (`train_loop`'s `data_fn`).
+
+  Batch size, lengths and seed from `config.train`; the position is
+  `{"batches": n}`.
+  """
+  tc = config.train
+
+  def data_fn(position):
+    return batches(
+      task,
+      split,
+      tc.batch_size,
+      tc.max_input_len,
+      tc.max_target_len,
+      shuffle_seed=tc.seed,
+      repeat=True,
+      start_batch=int((position or {}).get("batches", 0)),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+
+  data_fn.identity = {"task": config.task, "split": split}  # part of the run identity
+  return data_fn

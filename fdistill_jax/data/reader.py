@@ -36,19 +36,12 @@ import os
 import shutil
 import tempfile
 
+import jax
 import numpy as np
 from absl import logging
 
-from fdistill_jax import record_checks
+from fdistill_jax import record_checks, runguard
 from fdistill_jax import records as rec
-
-TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logmass")
-# Batch keys of a sampled teacher cache -> the `fused_head.TeacherTopK` fields they fill.
-SAMPLE_KEYS = {
-  "teacher_sample_ids": "sample_ids",
-  "teacher_sample_logprobs": "sample_logprobs",
-  "teacher_proposal_logprobs": "proposal_logprobs",
-}
 
 
 def open_manifest(
@@ -255,10 +248,10 @@ class RecordReader:
         array = array[:, :, :t]
       elif t > stored_t:
         pad = [[0, 0], [0, 0], [0, t - stored_t]] + [[0, 0]] * (len(shape) - 2)
-        value = spec.pad_id if name == "teacher_tokens" else 0
+        value = spec.pad_id if name == rec.TEACHER_TOKENS else 0
         array = tf.pad(array, pad, constant_values=tf.cast(value, array.dtype))
       out[name] = array if dtype.kind == "i" else tf.cast(array, tf.float32)
-    out["teacher_mask"] = tf.sequence_mask(p["teacher_lengths"], t, tf.float32)
+    out[rec.TEACHER_MASK] = tf.sequence_mask(p["teacher_lengths"], t, tf.float32)
     return out
 
   def _epoch_dataset(self, epoch: int, skip_batches: int):
@@ -334,7 +327,7 @@ class RecordReader:
       pad = np.zeros((self.batch_size - size, *value.shape[1:]), value.dtype)
       if key == "example_index":
         pad -= 1
-      elif key in ("inputs", "targets", "teacher_tokens"):
+      elif key in ("inputs", "targets", rec.TEACHER_TOKENS):
         pad += self.spec.pad_id
       out[key] = np.concatenate([value, pad])
     return out
@@ -348,3 +341,109 @@ class RecordReader:
   def __del__(self):
     if hasattr(self, "_tmpdir"):
       self.close()
+
+
+# ---------------------------------------------------------------------------
+# The trainer's checks and data function.
+# ---------------------------------------------------------------------------
+
+
+def _topk_fix(found: str, *, readable: bool = True) -> str:
+  """The top-k error's text: what is expected, what was `found`, how to fix it.
+
+  `readable`: whether the data could train without top-k (a records spec
+  without top-k is not readable at all, so the second fix does not apply).
+  """
+  fix = "rerun the teacher pass with teacher_pass.top_k > 0"
+  if readable:
+    fix += ", or set objective.use_teacher_topk=False (the teacher model then runs at train time)"
+  return (
+    f"objective.use_teacher_topk=True reads the teacher's distribution from the records' "
+    f"top-k (batch keys {', '.join(rec.TOPK_KEYS)}), but {found}; {fix}"
+  )
+
+
+def check_batch_keys(batch: dict, keys: tuple[str, ...], where: str):
+  """A clear ValueError, instead of a KeyError while tracing, for a batch without `keys`.
+
+  keys: the plan's `batch_keys`; where: the data's origin, for the message.
+  """
+  missing = [k for k in keys if k not in batch]
+  if not missing:
+    return
+  found = f"the first batch from {where} has keys {sorted(batch)}"
+  if set(missing) & set(rec.TOPK_KEYS):
+    raise ValueError(_topk_fix(found))
+  raise ValueError(
+    f"the objective reads teacher sequences (batch keys {list(keys)}), but {found}; "
+    "train on teacher-pass records (see docs/internals.md)"
+  )
+
+
+def check_records(
+  directory: str,
+  use_topk: bool,
+  vocab_size: int,
+  tokenizer_fingerprint: str | None,
+  expected_cache_form: str | None = None,
+) -> dict:
+  """The manifest of records the run can use; raises a clear error otherwise.
+
+  Checks the pass finished, the vocabulary size, the tokenizer fingerprint
+  and, when the plan reads the teacher's top-k (`use_topk`), that the records
+  hold it (a top-k or a sampled teacher cache, of `expected_cache_form` when
+  given). Reads the manifest and each shard's first record.
+  """
+  manifest = rec.read_manifest(directory)
+  if use_topk:
+    # Before `open_manifest`: a spec without top-k fails there with a less
+    # helpful message.
+    spec = manifest.get("spec") or {}
+    top_k = spec.get("top_k", 0)
+    if not top_k and not spec.get("num_tail_samples", 0):
+      where = os.path.join(directory, rec.MANIFEST_NAME)
+      found = f"these records were written with top_k={top_k}"
+      raise ValueError(f"{where}: " + _topk_fix(found, readable=False))
+  open_manifest(
+    directory,
+    expected_vocab_size=vocab_size,
+    expected_fingerprint=tokenizer_fingerprint,
+    expected_cache_form=expected_cache_form,
+  )
+  return manifest
+
+
+def records_data_fn(
+  config, workdir: str, use_topk: bool, vocab_size: int, tokenizer_fingerprint: str | None = None
+):
+  """position -> `RecordReader` over the teacher-pass records; checks them now.
+
+  `tokenizer_fingerprint` is the task tokenizer's: records made with another
+  tokenizer raise (None skips the check). The function's `identity` (the
+  records' spec, tokenizer, sampler and teacher digest) is part of the run
+  identity (`runguard.records_identity`).
+  """
+  tc = config.train
+  tp = config.get("teacher_pass") or {}
+  directory = rec.records_dir(config, workdir)
+  manifest = check_records(
+    directory, use_topk, vocab_size, tokenizer_fingerprint, tp.get("cache_form")
+  )
+
+  def data_fn(position):
+    return RecordReader(
+      directory,
+      batch_size=tc.batch_size // jax.process_count(),
+      max_input_len=tc.max_input_len,
+      max_target_len=tc.max_target_len,
+      expected_vocab_size=vocab_size,
+      expected_fingerprint=tokenizer_fingerprint,
+      seed=tc.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      position=position,
+      skip_corrupt=tp.get("skip_corrupt", False),
+    )
+
+  data_fn.identity = runguard.records_identity(manifest)
+  return data_fn

@@ -2,6 +2,7 @@
 
 from fdistill_jax.models.api import (
   Model,
+  SplitModel,
   build_model,
   decode_step,
   extend,
@@ -28,6 +29,7 @@ __all__ = [
   "Model",
   "ModelConfig",
   "ModelOutput",
+  "SplitModel",
   "build_model",
   "decode_step",
   "extend",

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fdistill_jax import sharding
 from fdistill_jax.models.config import ModelConfig
 from fdistill_jax.models.decoder import DecoderOnly
 from fdistill_jax.models.encdec import EncoderDecoder
@@ -106,3 +107,25 @@ def rewind(model: Model, state, num):
   can be rolled back by different amounts without changing any shape.
   """
   return model.rewind(state, num.astype(jnp.int32))
+
+
+class SplitModel:
+  """A model split for jit: static `graphdef` + `template`, and `params` (pure dict).
+
+  The student (trained) and the teacher (frozen) are both held this way.
+  """
+
+  def __init__(self, model: nnx.Module):
+    self.graphdef, state = nnx.split(model, nnx.Param)
+    self.template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    self.params = nnx.to_pure_dict(state)
+    self.config = model.config
+
+  def merge(self, params) -> nnx.Module:
+    """The model with `params` (works on tracers inside jit)."""
+    state = jax.tree.map(lambda x: x, self.template)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
+
+  def shardings(self, mesh, rules=sharding.DEFAULT_RULES):
+    return nnx.to_pure_dict(sharding.named_shardings(self.template, mesh, rules))
