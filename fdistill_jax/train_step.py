@@ -132,7 +132,7 @@ def _fit_length(x: Array, length: int, fill) -> Array:
 def _flatten_samples(x: Array, n: int) -> Array:
   """`[B, N, ...]` -> the first n samples as `[B * n, ...]`."""
   x = x[:, :n]
-  return x.reshape((-1,) + x.shape[2:])
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])  # not -1: K = 0 has no elements
 
 
 def _sample_result(result):
