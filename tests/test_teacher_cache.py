@@ -214,9 +214,14 @@ def test_inconsistent_cache_configs_raise_naming_the_config(changes, message):
 # ---------------------------------------------------------------------------
 
 
-def _stratified_batch(teacher, num_samples=3):
-  """`_train_helpers.make_batch(0, teacher)` plus tail draws from the same teacher."""
+def _stratified_batch(teacher, num_samples=3, top_k=h.K):
+  """`_train_helpers.make_batch(0, teacher)` plus tail draws from the same teacher
+  (top_k=0: the purely sampled form, draws from the whole vocabulary)."""
   batch = h.make_batch(0, teacher)
+  batch["teacher_topk_logprobs"] = batch["teacher_topk_logprobs"][..., :top_k]
+  batch["teacher_topk_ids"] = batch["teacher_topk_ids"][..., :top_k]
+  if top_k == 0:
+    batch["teacher_tail_logmass"] = np.zeros_like(batch["teacher_tail_logmass"])
   b, n, t = batch["teacher_tokens"].shape
   logits = models.forward(
     teacher,
@@ -268,6 +273,16 @@ def test_the_kl_step_uses_the_tail_draws_fused_and_unfused(tiny_models):
   topk = _one_step("kl", student, teacher, plain, fused=False)
   # The top-k form is a lower bound; the stratified estimate of this batch is not that.
   assert float(unfused["loss"][0]) != float(topk["loss"][0])
+
+
+def test_the_kl_step_reads_the_purely_sampled_form(tiny_models):
+  student, teacher = tiny_models
+  batch = _stratified_batch(teacher, num_samples=4, top_k=0)
+  unfused = _one_step("kl", student, teacher, batch, fused=False)
+  fused = _one_step("kl", student, teacher, batch, fused=True)
+  assert np.isfinite(unfused["loss"][0]) and unfused["loss"][0] != 0
+  for key in unfused:
+    np.testing.assert_allclose(fused[key][0], unfused[key][0], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_the_unfused_js_objective_refuses_a_sampled_cache(tiny_models):
