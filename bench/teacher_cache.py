@@ -52,11 +52,11 @@ from configs import default  # noqa: E402
 from fdistill_jax import (  # noqa: E402
   checkpoints,
   divergences,
-  main,
   models,
   pipeline,
   teacher_pass,
 )
+from fdistill_jax import main as modes  # noqa: E402
 from fdistill_jax import records as rec  # noqa: E402
 from fdistill_jax import sampled_divergences as sampled  # noqa: E402
 from fdistill_jax.data import tasks  # noqa: E402
@@ -169,7 +169,7 @@ def main():
   config = base_config(PRESETS[args.preset])
   p = config.pipeline
   print(f"[1/5] teacher ({p.teacher_steps} steps) in {workdir}", flush=True)
-  main.run_teacher(pipeline.teacher_config(config), os.path.join(workdir, "teacher"))
+  modes.run_teacher(pipeline.teacher_config(config), os.path.join(workdir, "teacher"))
   print("[2/5] teacher passes, one per cache form", flush=True)
   specs = {}
   for form in FORMS:
@@ -180,12 +180,12 @@ def main():
   init_dir = os.path.join(workdir, "students", "init")
   init_cfg = form_config(config, workdir, "topk", "", p.init_steps)
   init_cfg.objective.name = p.init_objective
-  main.run_distill(init_cfg, init_dir)
+  modes.run_distill(init_cfg, init_dir)
   init_ckpt = os.path.join(init_dir, "checkpoints")
   print(f"[4/5] forward-KL students, {p.distill_steps} steps per form", flush=True)
   for form in FORMS:
     cfg = form_config(config, workdir, form, init_ckpt, p.distill_steps)
-    main.run_distill(cfg, os.path.join(workdir, "students", form))
+    modes.run_distill(cfg, os.path.join(workdir, "students", form))
   print("[5/5] evaluation and loss bias", flush=True)
   task = tasks.get_task(config.task)
   teacher = checkpoints.load_model(
