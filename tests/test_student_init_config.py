@@ -13,9 +13,12 @@ def test_student_init_copies_teacher_layers(tmp_path, monkeypatch):
   teacher = models.build_model(presets.get_preset("t5-tiny", vocab_size=128), rngs=1)
   captured = {}
   monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: (teacher, {}))
-  monkeypatch.setattr(
-    train, "train_loop", lambda config, workdir, *, student, **kw: captured.setdefault("s", student)
-  )
+
+  def no_training(config, workdir, *, student, **kw):
+    captured["s"] = student
+    return {"step": 0, "preempted": False}
+
+  monkeypatch.setattr(train, "train_loop", no_training)
   config = distill.get_config("mle")
   config.unlock()
   config.student.model = presets.get_preset(
