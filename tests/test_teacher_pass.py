@@ -218,12 +218,40 @@ def test_sigkill_mid_write_then_restart(reference, tmp_path):
   assert manifest == ref_manifest
 
 
+def _records(directory, manifest):
+  import tensorflow as tf
+
+  spec = rec.spec_from_manifest(manifest)
+  return [
+    rec.decode_example(spec, raw.numpy())
+    for shard in manifest["shards"]
+    for raw in tf.data.TFRecordDataset(os.path.join(directory, shard["file"]))
+  ]
+
+
 def test_one_device_gives_the_same_records(reference, tmp_path):
+  """Same sequences and top-k on 1 device as on 8; float32 log-probs to rounding.
+
+  XLA's CPU matmuls tile by the per-device batch, and on some CPUs (seen on
+  an AVX-512 Xeon, not on an AMD EPYC) 8 rows and 64 rows round a float32
+  dot product differently in its last bit, so bytes are not always equal.
+  Every token, length, top-k id and stored (bfloat16) top-k log-prob is.
+  """
   ref_dir, ref_manifest = reference
   assert jax.local_device_count() == 8
   manifest = run_pass(tmp_path, devices=jax.local_devices()[:1])
-  assert shard_bytes(tmp_path) == shard_bytes(ref_dir)
-  assert manifest["shards"] == ref_manifest["shards"]
+  strip = lambda shards: [{k: v for k, v in s.items() if k != "sha256"} for s in shards]  # noqa: E731
+  assert strip(manifest["shards"]) == strip(ref_manifest["shards"])
+  ours, ref = _records(tmp_path, manifest), _records(ref_dir, ref_manifest)
+  assert len(ours) == len(ref) == manifest["num_examples"]
+  for a, b in zip(ours, ref, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      x, y = np.asarray(a[key]), np.asarray(b[key])
+      if x.dtype == np.float32:
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=4e-6, err_msg=key)
+      else:
+        np.testing.assert_array_equal(x, y, err_msg=key)
 
 
 def test_model_parallel_teacher_gives_the_same_records(reference, tmp_path):
