@@ -1,7 +1,7 @@
 """Config values checked at the door: ranges, the batch split, unknown command-line keys.
 
 `check(config, mode)` runs once per command (`fdistill_jax.main`) and in
-`train.check_config` (library callers), before any data is read or anything
+`main.check_config` (library callers), before any data is read or anything
 compiles. Each error names the config key, what was expected and what was
 found. A run with nothing to train (`train.num_train_steps = 0`, or a
 pipeline stage of 0 steps) is refused: it would save its initialisation as
