@@ -22,7 +22,7 @@ the full-vocabulary per-token mean `loss_full/<divergence>`) / the full
 value; `loss_bias_stderr` is its standard error over the redraws,
 `loss_bias_z` = |bias| / stderr (target
 <= 3 for the unbiased forms; the top-k form is deterministic and its bias is
-the lower-bound gap). Redraws use `teacher_pass.draw_tail_samples`, the
+the lower-bound gap). Redraws use `sampled.draw_tail_samples`, the
 function the pass writes records with. `bytes_per_position/<form>` counts
 the teacher-cache features of one position (records.py storage dtypes);
 `bytes_per_record/<form>` is the measured shard size per record.
@@ -144,7 +144,7 @@ def loss_bias(config, workdir: str, teacher, student, redraws: int) -> dict:
         )[None]
 
       def one(r):
-        s_ids, s_lp, _ = teacher_pass.draw_tail_samples(logp, ids, jax.random.fold_in(key, r), s)
+        s_ids, s_lp, _ = sampled.draw_tail_samples(logp, ids, jax.random.fold_in(key, r), s)
         values = sampled.sampled_divergence(
           name, lp_k, ids, s_logits, sample_ids=s_ids, sample_logprobs=s_lp,
           teacher_tail_logmass=tail,

@@ -20,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import tempfile
 
 import numpy as np
 
+from fdistill_jax import files
 from fdistill_jax import records as rec
 from fdistill_jax.data import tasks
 
@@ -30,14 +32,148 @@ from fdistill_jax.data import tasks
 _MEASURED = ("num_samples", "max_target_len", "top_k", "store_full_logprobs")
 
 
+# ---------------------------------------------------------------------------
+# Damage: find the bad record, or recover the good ones.
+# ---------------------------------------------------------------------------
+
+
+def _crc_table():
+  table = []
+  for n in range(256):
+    c = n
+    for _ in range(8):
+      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+    table.append(c)
+  return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def masked_crc32c(data: bytes) -> int:
+  """TFRecord's masked crc32c (pure Python: used on 8-byte headers only)."""
+  crc = 0xFFFFFFFF
+  for b in data:
+    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+@dataclasses.dataclass
+class ShardScan:
+  """What a record-by-record read of one shard found."""
+
+  path: str
+  good: int = 0  # records that read and decode
+  bad: list = dataclasses.field(default_factory=list)  # (record index, byte offset, reason)
+  records: list | None = None  # the good records, when asked for
+  unreadable_tail: bool = False  # framing broke: records after `bad[-1]` are lost
+
+  def describe(self) -> str:
+    index, offset, reason = self.bad[0]
+    return f"{self.path}: record {index} (byte offset {offset}): {reason}"
+
+
+def _tf_read(path: str):
+  """All records TensorFlow can read from `path`, and whether it stopped on damage."""
+  import tensorflow as tf
+
+  records = []
+  try:
+    for r in tf.data.TFRecordDataset(path):
+      records.append(r.numpy())
+  except tf.errors.DataLossError:
+    return records, True
+  return records, False
+
+
+def scan_shard(path: str, spec: rec.RecordSpec, keep_records: bool = False) -> ShardScan:
+  """Reads a shard record by record, checking framing, CRCs and the schema.
+
+  TensorFlow checks each frame's CRCs; after a bad data CRC whose length
+  header is intact, reading resumes at the next frame (from a temporary copy
+  of the rest of the file), so one flipped byte costs one record.
+  """
+  scan = ShardScan(path, records=[] if keep_records else None)
+  size = files.fs_size(path)
+  index = offset = 0
+  source = path
+  with tempfile.TemporaryDirectory() as tmpdir:
+    while True:
+      records, damaged = _tf_read(source)
+      for r in records:
+        try:
+          rec.decode_example(spec, r)
+        except rec.RecordError as e:
+          scan.bad.append((index, offset, f"record does not match the schema: {e}"))
+        else:
+          scan.good += 1
+          if keep_records:
+            scan.records.append(r)
+        index += 1
+        offset += len(r) + 16
+      if not damaged:
+        return scan
+      with files.fs_open(path, "rb") as f:
+        f.seek(offset)
+        header = f.read(12)
+        if len(header) < 12:
+          reason = f"truncated: file ends inside a record header ({size} bytes)"
+          scan.bad.append((index, offset, reason))
+          scan.unreadable_tail = True
+          return scan
+        (length,) = struct.unpack("<Q", header[:8])
+        if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+          reason = "corrupt length header; the rest of the shard is unreadable"
+          scan.bad.append((index, offset, reason))
+          scan.unreadable_tail = True
+          return scan
+        end = offset + 16 + length
+        if end > size:
+          scan.bad.append((index, offset, f"truncated: record needs {end} bytes, file has {size}"))
+          scan.unreadable_tail = True
+          return scan
+        scan.bad.append((index, offset, "data checksum (crc32c) mismatch"))
+        index += 1
+        offset = end
+        f.seek(offset)
+        source = os.path.join(tmpdir, f"rest-{offset}.tfrecord")
+        with open(source, "wb") as rest:
+          rest.write(f.read())
+
+
+def check_shard(
+  path: str, spec: rec.RecordSpec, expected_records: int, expected_sha256: str | None
+):
+  """Raises `rec.RecordError` naming the file (and the record, when one is bad)."""
+  if not files.fs_exists(path):
+    raise rec.RecordError(f"{path}: shard listed in the manifest is missing")
+  if expected_sha256 is not None and files.file_sha256(path) == expected_sha256:
+    return
+  scan = scan_shard(path, spec)
+  if scan.bad:
+    raise rec.RecordError(scan.describe())
+  if scan.good != expected_records:
+    raise rec.RecordError(
+      f"{path}: holds {scan.good} records, the manifest lists {expected_records} "
+      f"(record {min(scan.good, expected_records)} is the first missing or extra one)"
+    )
+  if expected_sha256 is None:
+    return
+  raise rec.RecordError(
+    f"{path}: sha256 differs from the manifest's {expected_sha256} although every record "
+    "reads: the file was rewritten after the pass"
+  )
+
+
 def read_first_record(path: str) -> bytes | None:
   """The first record of a TFRecord file by its framing (no CRC check), or None."""
-  with rec.fs_open(path, "rb") as f:
+  with files.fs_open(path, "rb") as f:
     header = f.read(12)
     if len(header) < 12:
       return None
     (length,) = struct.unpack("<Q", header[:8])
-    if length > rec.fs_size(path):
+    if length > files.fs_size(path):
       return None
     data = f.read(length)
   return data if len(data) == length else None
@@ -77,7 +213,7 @@ def check_spec_against_shards(directory: str, manifest: dict, spec: rec.RecordSp
   where = os.path.join(directory, rec.MANIFEST_NAME)
   for shard in manifest.get("shards", []):
     path = os.path.join(directory, shard["file"])
-    if not rec.fs_exists(path):
+    if not files.fs_exists(path):
       continue
     first = read_first_record(path)
     found = measure_record(first) if first is not None else None
@@ -138,9 +274,9 @@ def record_value_problems(spec: rec.RecordSpec, record: dict, expected_index: in
 def verify_shard(directory: str, spec: rec.RecordSpec, shard: dict) -> list[str]:
   """Every problem of one listed shard, each naming the file (and record, byte offset)."""
   path = os.path.join(directory, shard["file"])
-  if not rec.fs_exists(path):
+  if not files.fs_exists(path):
     return [f"{path}: shard listed in the manifest is missing"]
-  scan = rec.scan_shard(path, spec, keep_records=True)
+  scan = scan_shard(path, spec, keep_records=True)
   problems = [f"{path}: record {i} (byte offset {o}): {why}" for i, o, why in scan.bad]
   if scan.bad:
     return problems
@@ -152,7 +288,7 @@ def verify_shard(directory: str, spec: rec.RecordSpec, shard: dict) -> list[str]
     offset += len(raw) + 16
   if scan.good != shard["records"]:
     problems.append(f"{path}: holds {scan.good} records, the manifest lists {shard['records']}")
-  digest = rec.file_sha256(path)
+  digest = files.file_sha256(path)
   if digest != shard["sha256"]:
     problems.append(f"{path}: sha256 {digest}, the manifest lists {shard['sha256']}")
   return problems

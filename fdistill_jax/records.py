@@ -38,8 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import ml_dtypes
@@ -54,7 +52,6 @@ from fdistill_jax.files import (
   fs_makedirs,
   fs_open,
   fs_remove,
-  fs_size,
   tmp_name,
 )
 
@@ -346,138 +343,6 @@ def read_manifest(directory: str) -> dict:
 
 def spec_from_manifest(manifest: dict) -> RecordSpec:
   return RecordSpec(**manifest["spec"])
-
-
-# ---------------------------------------------------------------------------
-# Damage: find the bad record, or recover the good ones.
-# ---------------------------------------------------------------------------
-
-
-def _crc_table():
-  table = []
-  for n in range(256):
-    c = n
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc_table()
-
-
-def masked_crc32c(data: bytes) -> int:
-  """TFRecord's masked crc32c (pure Python: used on 8-byte headers only)."""
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  crc ^= 0xFFFFFFFF
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-@dataclasses.dataclass
-class ShardScan:
-  """What a record-by-record read of one shard found."""
-
-  path: str
-  good: int = 0  # records that read and decode
-  bad: list = dataclasses.field(default_factory=list)  # (record index, byte offset, reason)
-  records: list | None = None  # the good records, when asked for
-  unreadable_tail: bool = False  # framing broke: records after `bad[-1]` are lost
-
-  def describe(self) -> str:
-    index, offset, reason = self.bad[0]
-    return f"{self.path}: record {index} (byte offset {offset}): {reason}"
-
-
-def _tf_read(path: str):
-  """All records TensorFlow can read from `path`, and whether it stopped on damage."""
-  import tensorflow as tf
-
-  records = []
-  try:
-    for r in tf.data.TFRecordDataset(path):
-      records.append(r.numpy())
-  except tf.errors.DataLossError:
-    return records, True
-  return records, False
-
-
-def scan_shard(path: str, spec: RecordSpec, keep_records: bool = False) -> ShardScan:
-  """Reads a shard record by record, checking framing, CRCs and the schema.
-
-  TensorFlow checks each frame's CRCs; after a bad data CRC whose length
-  header is intact, reading resumes at the next frame (from a temporary copy
-  of the rest of the file), so one flipped byte costs one record.
-  """
-  scan = ShardScan(path, records=[] if keep_records else None)
-  size = fs_size(path)
-  index = offset = 0
-  source = path
-  with tempfile.TemporaryDirectory() as tmpdir:
-    while True:
-      records, damaged = _tf_read(source)
-      for r in records:
-        try:
-          decode_example(spec, r)
-        except RecordError as e:
-          scan.bad.append((index, offset, f"record does not match the schema: {e}"))
-        else:
-          scan.good += 1
-          if keep_records:
-            scan.records.append(r)
-        index += 1
-        offset += len(r) + 16
-      if not damaged:
-        return scan
-      with fs_open(path, "rb") as f:
-        f.seek(offset)
-        header = f.read(12)
-        if len(header) < 12:
-          reason = f"truncated: file ends inside a record header ({size} bytes)"
-          scan.bad.append((index, offset, reason))
-          scan.unreadable_tail = True
-          return scan
-        (length,) = struct.unpack("<Q", header[:8])
-        if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
-          reason = "corrupt length header; the rest of the shard is unreadable"
-          scan.bad.append((index, offset, reason))
-          scan.unreadable_tail = True
-          return scan
-        end = offset + 16 + length
-        if end > size:
-          scan.bad.append((index, offset, f"truncated: record needs {end} bytes, file has {size}"))
-          scan.unreadable_tail = True
-          return scan
-        scan.bad.append((index, offset, "data checksum (crc32c) mismatch"))
-        index += 1
-        offset = end
-        f.seek(offset)
-        source = os.path.join(tmpdir, f"rest-{offset}.tfrecord")
-        with open(source, "wb") as rest:
-          rest.write(f.read())
-
-
-def check_shard(path: str, spec: RecordSpec, expected_records: int, expected_sha256: str | None):
-  """Raises `RecordError` naming the file (and the record, when one is bad)."""
-  if not fs_exists(path):
-    raise RecordError(f"{path}: shard listed in the manifest is missing")
-  if expected_sha256 is not None and file_sha256(path) == expected_sha256:
-    return
-  scan = scan_shard(path, spec)
-  if scan.bad:
-    raise RecordError(scan.describe())
-  if scan.good != expected_records:
-    raise RecordError(
-      f"{path}: holds {scan.good} records, the manifest lists {expected_records} "
-      f"(record {min(scan.good, expected_records)} is the first missing or extra one)"
-    )
-  if expected_sha256 is None:
-    return
-  raise RecordError(
-    f"{path}: sha256 differs from the manifest's {expected_sha256} although every record "
-    "reads: the file was rewritten after the pass"
-  )
 
 
 # ---------------------------------------------------------------------------

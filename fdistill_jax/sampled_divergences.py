@@ -233,3 +233,42 @@ def vocab_parallel_sampled_divergence(
   lq_tail = tail_peak + jnp.log(jax.lax.psum(jnp.exp(tail_local - tail_peak), axis_name))
   lq_tail = divergences.floor_neg_inf(lq_tail)
   return estimate(name, teacher, gather(ids), lq_tail, gather(sample_ids), **params)
+
+
+# ---------------------------------------------------------------------------
+# Drawing the cache (the teacher pass).
+# ---------------------------------------------------------------------------
+
+
+def draw_tail_samples(
+  logp: jax.Array, topk_ids: jax.Array, key: jax.Array, num_samples: int, temperature: float = 1.0
+):
+  """S i.i.d. draws per position from the teacher's distribution outside its top-k.
+
+  Args:
+    logp: `[..., V]` normalised teacher log-probs.
+    topk_ids: `[..., K]` the stored top-k ids (K may be 0: the whole vocabulary).
+    key: one PRNG key for all positions.
+    num_samples: S.
+    temperature: the proposal is r ∝ p^(1/temperature) on the tail, renormalised
+      (1: the teacher restricted to the tail).
+
+  Returns:
+    ids `[..., S]` int32, the teacher's log-probs of them `[..., S]` and their
+    proposal log-probs log r `[..., S]` (the importance weights are 1/r). A
+    position whose tail is empty gets uniform draws, which the estimator
+    ignores (`sampled_divergences.estimate`).
+  """
+  logp = jnp.maximum(logp.astype(jnp.float32), divergences.NEG_INF)
+  in_topk = jnp.put_along_axis(
+    jnp.zeros(logp.shape, bool), topk_ids.astype(jnp.int32), True, axis=-1, inplace=False
+  )
+  logits_r = jnp.where(in_topk, divergences.NEG_INF, logp / temperature)
+  log_r = jax.nn.log_softmax(logits_r, axis=-1)
+  draws = jax.random.categorical(key, logits_r, axis=-1, shape=(num_samples, *logp.shape[:-1]))
+  ids = jnp.moveaxis(draws, 0, -1).astype(jnp.int32)
+  return (
+    ids,
+    jnp.take_along_axis(logp, ids, axis=-1),
+    jnp.maximum(jnp.take_along_axis(log_r, ids, axis=-1), divergences.NEG_INF),
+  )

@@ -37,7 +37,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import checkpoints, divergences, models, runguard, sharding
+from fdistill_jax import checkpoints, divergences, models, runguard, sampled_divergences, sharding
 from fdistill_jax import records as rec
 
 # (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
@@ -71,6 +71,7 @@ class PassConfig:
   max_target_len: int = 128
   split: str = "train"
   max_examples: int = 0  # 0: the whole split
+  skip_corrupt: bool = False  # read by distillation's reader (damaged shards); the pass ignores it
   mesh: tuple = ()  # (axis, size) pairs for sharding.make_mesh; (): data-parallel only
   out_dir: str = ""  # "": WORKDIR/teacher_records/SPLIT (`records.records_dir`)
 
@@ -118,40 +119,6 @@ def topk_and_tail(logp: jax.Array, k: int):
   return values, ids.astype(jnp.int32), tail
 
 
-def draw_tail_samples(
-  logp: jax.Array, topk_ids: jax.Array, key: jax.Array, num_samples: int, temperature: float = 1.0
-):
-  """S i.i.d. draws per position from the teacher's distribution outside its top-k.
-
-  Args:
-    logp: `[..., V]` normalised teacher log-probs.
-    topk_ids: `[..., K]` the stored top-k ids (K may be 0: the whole vocabulary).
-    key: one PRNG key for all positions.
-    num_samples: S.
-    temperature: the proposal is r ∝ p^(1/temperature) on the tail, renormalised
-      (1: the teacher restricted to the tail).
-
-  Returns:
-    ids `[..., S]` int32, the teacher's log-probs of them `[..., S]` and their
-    proposal log-probs log r `[..., S]` (the importance weights are 1/r). A
-    position whose tail is empty gets uniform draws, which the estimator
-    ignores (`sampled_divergences.estimate`).
-  """
-  logp = jnp.maximum(logp.astype(jnp.float32), divergences.NEG_INF)
-  in_topk = jnp.put_along_axis(
-    jnp.zeros(logp.shape, bool), topk_ids.astype(jnp.int32), True, axis=-1, inplace=False
-  )
-  logits_r = jnp.where(in_topk, divergences.NEG_INF, logp / temperature)
-  log_r = jax.nn.log_softmax(logits_r, axis=-1)
-  draws = jax.random.categorical(key, logits_r, axis=-1, shape=(num_samples, *logp.shape[:-1]))
-  ids = jnp.moveaxis(draws, 0, -1).astype(jnp.int32)
-  return (
-    ids,
-    jnp.take_along_axis(logp, ids, axis=-1),
-    jnp.maximum(jnp.take_along_axis(log_r, ids, axis=-1), divergences.NEG_INF),
-  )
-
-
 def _teacher_outputs(model, pc: PassConfig, sampler: Sampler, inputs, input_mask, indices, key):
   """One batch: inputs [B, S], input_mask [B, S], indices [B] -> record arrays.
 
@@ -192,7 +159,9 @@ def _teacher_outputs(model, pc: PassConfig, sampler: Sampler, inputs, input_mask
       out["teacher_full_logprobs"] = jnp.where(mask[..., None], logp, 0.0)
     if pc.num_tail_samples:
       draw = functools.partial(
-        draw_tail_samples, num_samples=pc.num_tail_samples, temperature=pc.proposal_temperature
+        sampled_divergences.draw_tail_samples,
+        num_samples=pc.num_tail_samples,
+        temperature=pc.proposal_temperature,
       )
       s_ids, s_lp, r_lp = jax.vmap(draw)(logp, ids, sample_keys)
       out["teacher_sample_ids"] = jnp.where(mask[..., None], s_ids, 0)

@@ -13,7 +13,6 @@ import pytest
 from fdistill_jax import models, objectives, optimizer, sharding, train_step
 from fdistill_jax import records as rec
 from fdistill_jax import sampled_divergences as SD
-from fdistill_jax import teacher_pass as tp
 from fdistill_jax.data import reader as reader_lib
 from tests import _train_helpers as h
 from tests.test_teacher_pass import PASS, run_pass, tiny_teacher
@@ -35,7 +34,7 @@ def test_tail_draws_follow_the_proposal(k, temperature):
   logp = _log_softmax64(rng.normal(size=(2, 10)) * 1.5)
   ids = np.argsort(-logp, -1)[:, :k]
   draws = 20000
-  got_ids, got_lp, got_log_r = tp.draw_tail_samples(
+  got_ids, got_lp, got_log_r = SD.draw_tail_samples(
     jnp.asarray(logp, jnp.float32), jnp.asarray(ids, jnp.int32), jax.random.key(1), draws,
     temperature,
   )  # fmt: skip
@@ -231,7 +230,7 @@ def _stratified_batch(teacher, num_samples=3, top_k=h.K):
     batch["teacher_mask"].reshape(b * n, t),
   ).logits
   logp = jax.nn.log_softmax(logits, -1).reshape(b, n, t, -1)
-  ids, lp, _ = tp.draw_tail_samples(
+  ids, lp, _ = SD.draw_tail_samples(
     logp, jnp.asarray(batch["teacher_topk_ids"]), jax.random.key(0), num_samples
   )
   mask = batch["teacher_mask"][..., None]

@@ -14,7 +14,7 @@ permutation is undone here: llama.cpp's rows, viewed as
 `[heads, 2, head_dim // 2, ...]` with the middle axes swapped.
 
 The tokenizer embedded in the same file is read by
-`fdistill_jax.data.tokenizers.GGUFTokenizer`.
+`fdistill_jax.data.gguf_tokenizer.GGUFTokenizer`.
 
   model, config = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 from fdistill_jax.convert.hf import convert_tensors, hf_model_config
 from fdistill_jax.convert.params import ConversionError, TensorSource, assemble
-from fdistill_jax.data.tokenizers import gguf_reader
+from fdistill_jax.data.gguf_tokenizer import gguf_reader
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

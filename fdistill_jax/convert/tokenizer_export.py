@@ -22,6 +22,7 @@ import json
 import os
 
 from fdistill_jax.convert.params import ConversionError
+from fdistill_jax.data import gguf_tokenizer
 from fdistill_jax.data import tokenizers as toks
 
 # The ChatML template (SmolLM2, Qwen, ...) in the Jinja form transformers and
@@ -93,7 +94,7 @@ def _gguf_source_fields(path: str) -> dict:
   import gguf
 
   fields = {}
-  for key, field in toks.gguf_reader(path).fields.items():
+  for key, field in gguf_tokenizer.gguf_reader(path).fields.items():
     if not key.startswith("tokenizer."):
       continue
     main = field.types[0]

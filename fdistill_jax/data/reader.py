@@ -183,12 +183,12 @@ class RecordReader:
         raise rec.RecordError(f"{path}: shard listed in the manifest is missing")
       return path
     try:
-      rec.check_shard(path, self.spec, shard["records"], shard["sha256"])
+      record_checks.check_shard(path, self.spec, shard["records"], shard["sha256"])
       return path
     except rec.RecordError:
       if not skip_corrupt or not rec.fs_exists(path):
         raise
-    scan = rec.scan_shard(path, self.spec, keep_records=True)
+    scan = record_checks.scan_shard(path, self.spec, keep_records=True)
     self.skipped[path] = shard["records"] - scan.good
     logging.warning(
       "Skipping %d of %d records of damaged shard (%s)",
@@ -211,7 +211,7 @@ class RecordReader:
     for shard in self.manifest["shards"]:
       path = os.path.join(self.directory, shard["file"])
       if path in self._files:
-        rec.check_shard(path, self.spec, shard["records"], None)
+        record_checks.check_shard(path, self.spec, shard["records"], None)
     raise rec.RecordError(f"{self.directory}: reading failed ({error})") from error
 
   # -------------------------------------------------------------------------
