@@ -198,13 +198,14 @@ def test_teacher_pass_reopens_with_the_same_weights_moved_elsewhere(tmp_path):
 
 _KILLED_WRITER = """
 import os, signal, sys
+from fdistill_jax import files
 from fdistill_jax import records as rec
 from tests.test_records import SPEC, header
 directory = sys.argv[1]
 rec.open_folder(directory, header(SPEC, 4, 2))
 def killed(tmp, path):
   os.kill(os.getpid(), signal.SIGKILL)  # after writing the temporary, before the rename
-rec._fs_commit = killed
+files.fs_commit = killed  # atomic_write_bytes renames through it
 rec.finalize_manifest(directory)
 """
 
