@@ -77,16 +77,6 @@ def _score_flat(score_fn, batch, tokens, mask):
   return lp.reshape(b, n, t) * mask
 
 
-def _pad_to(tokens, length: int, pad_id: int) -> np.ndarray:
-  """`[..., T] -> [..., length]` (cut or right-padded)."""
-  t = tokens.shape[-1]
-  if t >= length:
-    return tokens[..., :length]
-  return np.concatenate(
-    [tokens, np.full((*tokens.shape[:-1], length - t), pad_id, tokens.dtype)], axis=-1
-  )
-
-
 def evaluate_model(
   task,
   split: str,
