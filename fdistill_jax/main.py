@@ -70,11 +70,6 @@ def check_config(config, student_cfg, teacher_cfg=None) -> objectives.StepPlan:
   config_checks.check(config, "distill")
   plan = objectives.plan_from_config(config)
   tc = config.train
-  if tc.batch_size % tc.grad_accum_steps:
-    raise ValueError(
-      f"train.batch_size {tc.batch_size} is not divisible by train.grad_accum_steps "
-      f"{tc.grad_accum_steps}"
-    )
   for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
     if cfg is None:
       continue
