@@ -101,7 +101,9 @@ def evaluate_model(
   `likelihood_risk_token/_seq`; with `teacher_decode_fn` `teacher_dist`, and
   with `student_score_fn` too `coverage_risk_token/_seq`. On a task with
   `modes` (the synthetic task): `precision`, `coverage_weighted`,
-  `coverage_unweighted`, `kl` (exact KL(p*||q), needs `student_score_fn`) and
+  `coverage_unweighted`, `kl` (exact KL(p*||q), needs `student_score_fn`; so do
+  the exact `tvd_exact` TVD(p*, q), `rkl_valid` KL(q_v||p*) of q renormalised on
+  p*'s support and `invalid_mass`, see `metrics.exact_mode_measures`) and
   `rkl` / `rkl_stderr` (Monte Carlo RKL(q||p*) from the student samples'
   `token_logprobs`; valid for pure ancestral sampling; invalid outputs get
   log p* = `log_floor`, since the true RKL is infinite once q puts mass
@@ -234,7 +236,11 @@ def evaluate_model(
     cov = metrics.mode_coverage(samples_text, modes_list)
     out["coverage_weighted"], out["coverage_unweighted"] = cov["weighted"], cov["unweighted"]
     if kl_probs:
-      out["kl"] = metrics.exact_kl_from_modes(np.concatenate(kl_probs), np.concatenate(kl_logq))
+      probs, logq = np.concatenate(kl_probs), np.concatenate(kl_logq)
+      out["kl"] = metrics.exact_kl_from_modes(probs, logq)
+      exact = metrics.exact_mode_measures(probs, logq)
+      out["tvd_exact"], out["rkl_valid"] = exact["tvd"], exact["rkl_valid"]
+      out["invalid_mass"] = exact["invalid_mass"]
     if logq_samples:
       logp = metrics.log_true_prob(samples_text, modes_list, log_floor)
       r = metrics.mc_kl(np.concatenate(logq_samples), np.concatenate(logp))

@@ -245,6 +245,36 @@ def exact_kl_from_modes(mode_probs, mode_logq) -> float:
   return float(terms.sum(-1).mean())
 
 
+def exact_mode_measures(mode_probs, mode_logq) -> dict:
+  """Bounded or support-safe distances between p* and q, exact from q's log-probs of p*'s modes.
+
+  Args:
+    mode_probs: `[N, M]` p*(y_m|x_i) (rows sum to 1; 0 pads rows with fewer modes).
+    mode_logq: `[N, M]` log q(y_m|x_i); entries where p* is 0 are ignored.
+
+  Returns per-input means of
+    `invalid_mass`: 100 (1 - Q), Q = sum_m q(y_m), the mass q puts off p*'s support;
+    `tvd`: TVD(p*, q) = (sum_m |p*(y_m) - q(y_m)| + 1 - Q) / 2, in [0, 1];
+    `rkl_valid`: KL(q_v || p*) with q_v = q / Q renormalised on p*'s support
+      (>= 0; RKL(q || p*) itself is infinite whenever Q < 1).
+  """
+  p = np.asarray(mode_probs, np.float64)
+  valid = p > 0
+  lq = np.where(valid, np.asarray(mode_logq, np.float64), -np.inf)
+  q = np.exp(lq)
+  mass = q.sum(-1)  # [N]
+  off = np.clip(1.0 - mass, 0.0, 1.0)
+  tvd = 0.5 * (np.abs(np.where(valid, p - q, 0.0)).sum(-1) + off)
+  qv = q / np.maximum(mass, 1e-300)[:, None]
+  log_ratio = np.log(np.where(qv > 0, qv, 1.0)) - np.log(np.where(valid, p, 1.0))
+  rkl_valid = np.where(qv > 0, qv * log_ratio, 0.0).sum(-1)
+  return {
+    "invalid_mass": 100.0 * float(off.mean()),
+    "tvd": float(tvd.mean()),
+    "rkl_valid": float(np.maximum(rkl_valid, 0.0).mean()),
+  }
+
+
 # ------------------------------------------------------------------------------
 # Drafts for speculative decoding.
 # ------------------------------------------------------------------------------

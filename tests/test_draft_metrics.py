@@ -1,10 +1,12 @@
 """A student rated as a speculative draft: acceptance 1 - TVD and tokens per step."""
 
+import math
+
 import ml_collections
 import numpy as np
 import pytest
 
-from fdistill_jax import evaluate, metrics, models, pipeline
+from fdistill_jax import evaluate, evidence, metrics, models, pipeline, report
 from fdistill_jax.data import tasks
 
 
@@ -114,7 +116,12 @@ def test_evaluate_model_averages_acceptance_over_both_sides(task):
 
 
 def test_results_table_has_the_acceptance_column():
-  table = pipeline.results_table({"teacher": {"bleu": 1.0}, "tvd": {"acceptance_teacher": 0.8126}})
+  def one(v):  # a single evaluation: the table shows the mean alone
+    return evidence.Interval(v, math.nan, math.nan, 1)
+
+  table = report.results_table(
+    {"teacher": {"bleu": one(1.0)}, "tvd": {"acceptance_teacher": one(0.8126)}}
+  )
   header, _, teacher_row, tvd_row = table.splitlines()
   assert "draft accept" in header
   assert tvd_row.split("|")[-2].strip() == "0.813"

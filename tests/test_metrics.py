@@ -113,6 +113,35 @@ def test_monte_carlo_kl_converges_to_exact():
   assert metrics.mc_kl([0.0], [-np.inf])["estimate"] == math.inf
 
 
+def test_exact_mode_measures_match_enumeration_with_invalid_outcomes():
+  # Two inputs over a 6-outcome space; p* puts mass on the first 3 (input 0)
+  # or 2 (input 1) outcomes, q on all 6: the rest is invalid mass.
+  rng = np.random.default_rng(3)
+  p_full = np.zeros((2, 6))
+  p_full[0, :3] = rng.dirichlet(np.ones(3))
+  p_full[1, :2] = rng.dirichlet(np.ones(2))
+  q_full = rng.dirichlet(np.ones(6), size=2)
+  ref_tvd, ref_off, ref_rkl = [], [], []
+  for i in range(2):
+    ref_tvd.append(0.5 * sum(abs(p_full[i, k] - q_full[i, k]) for k in range(6)))
+    support = [k for k in range(6) if p_full[i, k] > 0]
+    mass = sum(q_full[i, k] for k in support)
+    ref_off.append(1.0 - mass)
+    ref_rkl.append(
+      sum(q_full[i, k] / mass * math.log(q_full[i, k] / mass / p_full[i, k]) for k in support)
+    )
+  # The metric sees only the modes (3 columns, zero-padded), as the evaluator does.
+  modes_p = p_full[:, :3]
+  modes_logq = np.log(q_full[:, :3]).astype(np.float32)
+  modes_logq[1, 2] = 0.0  # a padded entry's score must be ignored
+  got = metrics.exact_mode_measures(modes_p, modes_logq)
+  assert got["tvd"] == pytest.approx(np.mean(ref_tvd), rel=1e-6)
+  assert got["invalid_mass"] == pytest.approx(100 * np.mean(ref_off), rel=1e-6)
+  assert got["rkl_valid"] == pytest.approx(np.mean(ref_rkl), rel=1e-5)
+  same = metrics.exact_mode_measures(p_full[:1, :3], np.log(p_full[:1, :3]))
+  assert same["tvd"] == pytest.approx(0.0, abs=1e-12) and same["rkl_valid"] == pytest.approx(0.0)
+
+
 # ------------------------------------------------------------------------------
 # evaluate_model on the synthetic task with scripted decoders and scorers.
 # ------------------------------------------------------------------------------
