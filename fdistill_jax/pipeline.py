@@ -1,17 +1,20 @@
-"""The main job: teacher -> teacher pass -> students for every method -> evaluation -> report.
+"""The main job: teacher, teacher pass, every method and seed, evaluation, report.
 
-`run(config, workdir)` with `configs/default.py` shows the paper's central
-finding on the built-in synthetic task, whose true output distribution is
-known: forward KL spreads mass over the modes (coverage), reverse KL and
-ENGINE collapse onto few (precision), JS and TVD sit between.
+`run(config, workdir)` with `configs/default.py` tests the paper's claims on
+the built-in synthetic task, whose true output distribution p* is known:
+every method is distilled once per seed in `pipeline.seeds` from a teacher,
+teacher records and initial student that all seeds share, every model is
+evaluated once per seed, and `report` turns the per-seed metrics into
+95% intervals and the claims table (`evidence`).
 
 Layout of the workdir:
 
   teacher/                 teacher training (checkpoints, metrics.jsonl)
   teacher_records/train/   the teacher pass's TFRecord shards + manifest.json
-  students/<name>/         one training run per method (and `init`)
-  eval/<name>.json         metrics of every model on the test split
-  results.md, results.json, quality_vs_coverage.png, training_curves.png
+  students/init/           the shared initial student
+  students/<name>/seed<k>/ one training run per method and seed
+  eval/<name>/seed<k>.json metrics of every model on the test split, per seed
+  results.md, results.json, frontier.png, training_curves.png
 
 Every stage is restartable: a finished training run resumes at its last
 step and does nothing, a finished teacher pass skips its shards, and stored
@@ -38,29 +41,16 @@ from fdistill_jax import (
   checkpoints,
   decoding,
   divergences,
+  evidence,
   main,
   models,
   objectives,
   records,
+  report,
   runguard,
   teacher_pass,
 )
 from fdistill_jax.data import tasks
-from fdistill_jax.metrics import read_metrics
-
-# Columns of the results table: (key in the metrics, header, format).
-COLUMNS = (
-  ("bleu", "BLEU", "{:.1f}"),
-  ("precision", "precision %", "{:.1f}"),
-  ("coverage_weighted", "coverage % (w)", "{:.1f}"),
-  ("coverage_unweighted", "coverage % (u)", "{:.1f}"),
-  ("kl", "KL(p*||q)", "{:.3f}"),
-  ("rkl", "RKL(q||p*)", "{:.3f}"),
-  ("likelihood_risk_token", "R_llh", "{:.3f}"),
-  ("coverage_risk_token", "R_cvg", "{:.3f}"),
-  ("distinct2", "distinct-2 %", "{:.1f}"),
-  ("acceptance_teacher", "draft accept", "{:.3f}"),
-)
 
 
 def _sub(config, **sections) -> ml_collections.ConfigDict:
@@ -88,10 +78,35 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   return copy.deepcopy(cfg)
 
 
-def student_config(config, workdir: str, objective: str, init_checkpoint: str, steps: int):
+def variants(p) -> dict[str, tuple[str, dict]]:
+  """Every distilled student: name -> (objective, `{"section.field": value}` overrides).
+
+  `pipeline.methods` under their own names, `pipeline.online_methods` again
+  with teacher sequences sampled in the step (`<name>-online`), and JS at
+  each `pipeline.js_betas` (`js-b<beta>`).
+  """
+  out = {m: (m, {}) for m in p.methods}
+  out.update({f"{m}-online": (m, {"train.online_teacher": True}) for m in p.online_methods})
+  out.update({f"js-b{b:g}": ("js", {"objective.beta": float(b)}) for b in p.js_betas})
+  return out
+
+
+def student_config(
+  config,
+  workdir: str,
+  objective: str,
+  init_checkpoint: str,
+  steps: int,
+  seed: int = 0,
+  overrides: dict | None = None,
+):
   p = config.pipeline
   cfg = _sub(config)
   cfg.objective.name = objective
+  cfg.train.seed = seed
+  for key, value in (overrides or {}).items():
+    section, field = key.split(".")
+    cfg[section][field] = value
   cfg.train.num_train_steps = steps
   cfg.train.learning_rate = p.learning_rate
   cfg.student.init_checkpoint = init_checkpoint
@@ -177,8 +192,13 @@ def _decoder(model, sampler: decoding.ModelSampler, seed: int, cache: dict | Non
   return decode_fn
 
 
-def evaluate(config, task, model, teacher, teacher_cache: dict | None = None) -> dict:
+def evaluate(
+  config, task, model, teacher, eval_seed: int, teacher_cache: dict | None = None
+) -> dict:
   """Distribution metrics from ancestral samples, quality metrics from greedy outputs.
+
+  `bleu_sampled` is the BLEU of one ancestral sample per input (greedy BLEU
+  saturates on the synthetic task); sampling keys derive from `eval_seed`.
 
   A student is also rated as a speculative draft for the teacher (acceptance
   1 - TVD and expected tokens per step at `pipeline.draft_lengths`).
@@ -199,14 +219,15 @@ def evaluate(config, task, model, teacher, teacher_cache: dict | None = None) ->
   out = ev.evaluate_model(
     task,
     p.eval_split,
-    _decoder(model, samples, p.eval_seed),
+    _decoder(model, samples, eval_seed),
     teacher_score_fn=_scorer(teacher),
     student_score_fn=_scorer(model),
-    teacher_decode_fn=_decoder(teacher, teacher_samples, p.eval_seed + 1, teacher_cache),
+    teacher_decode_fn=_decoder(teacher, teacher_samples, eval_seed + 1, teacher_cache),
     acceptance_fn=None if model is teacher else _acceptor(teacher, model),
     draft_lengths=tuple(p.draft_lengths),
     **common,
   )
+  out["bleu_sampled"] = out["bleu"]
   greedy = decoding.make_model_sampler("greedy", max_len=max_len)
   quality = ev.evaluate_model(task, p.eval_split, _decoder(model, greedy, 0), **common)
   for key in ("bleu", "bleu_signature", "chrf", "ter", "rouge1", "rouge2", "rougeL"):
@@ -216,107 +237,27 @@ def evaluate(config, task, model, teacher, teacher_cache: dict | None = None) ->
 
 
 # ---------------------------------------------------------------------------
-# Report.
-# ---------------------------------------------------------------------------
-
-
-def results_table(rows: dict[str, dict]) -> str:
-  header = "| model | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-  lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
-  for name, m in rows.items():
-    cells = [fmt.format(m[key]) if key in m else "-" for key, _, fmt in COLUMNS]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def _plots(workdir: str, rows: dict[str, dict], runs: dict[str, str]) -> list[str]:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  written = []
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-  for name, m in rows.items():
-    for ax, (x, y) in zip(
-      axes, (("coverage_weighted", "bleu"), ("coverage_weighted", "precision")), strict=True
-    ):
-      if x in m and y in m:
-        ax.scatter(m[x], m[y], s=40)
-        ax.annotate(name, (m[x], m[y]), textcoords="offset points", xytext=(4, 4), fontsize=9)
-  axes[0].set(
-    xlabel="mode coverage (weighted)", ylabel="BLEU (greedy)", title="quality vs coverage"
-  )
-  axes[1].set(xlabel="mode coverage (weighted)", ylabel="precision", title="precision vs coverage")
-  for ax in axes:
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
-  path = os.path.join(workdir, "quality_vs_coverage.png")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  written.append(path)
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, run_dir in runs.items():
-    rows_m = [r for r in read_metrics(run_dir) if "train/loss" in r]
-    if rows_m:
-      ax.plot([r["step"] for r in rows_m], [r["train/loss"] for r in rows_m], label=name)
-  ax.set(xlabel="step", ylabel="training loss", title="training curves", yscale="log")
-  ax.grid(alpha=0.3)
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = os.path.join(workdir, "training_curves.png")
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  written.append(path)
-  return written
-
-
-def _write_report(workdir: str, config, rows: dict, timings: dict, runs: dict):
-  table = results_table(rows)
-  text = [
-    "# f-DISTILL on the built-in synthetic task",
-    "",
-    f"Test split: {next(iter(rows.values())).get('num_examples', '?')} inputs; "
-    f"{config.pipeline.eval_samples} ancestral samples per input for precision, "
-    "mode coverage and the KL/RKL estimates against the true distribution p*; "
-    "BLEU from greedy outputs against all valid outputs as references. "
-    "R_llh: per-token NLL of student samples under the teacher; R_cvg: per-token "
-    "NLL of teacher samples under the student. RKL(q||p*) is a Monte Carlo "
-    "estimate in which invalid samples get log p* = log 1e-6: the true RKL is "
-    "infinite whenever precision < 100%, so this is only a floor-regularised "
-    "figure, and it can be negative for models that rarely produce valid outputs. "
-    "draft accept: the student as a speculative-decoding draft for the teacher, "
-    "mean per-token acceptance 1 - TVD(p_teacher, q_student) over the positions "
-    "of teacher samples (results.json also has it over student samples, "
-    "acceptance_student, and the expected tokens per verification step "
-    "tokens_per_step_gamma<g>).",
-    "",
-    table,
-    "",
-    "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
-    "",
-  ]
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write("\n".join(text))
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"models": rows, "timings_s": timings, "runs": runs}, f, indent=2, default=float)
-  if config.pipeline.plots:
-    _plots(workdir, rows, runs)
-  return table
-
-
-# ---------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------
 
 
 def _timed(timings: dict, name: str, fn, *args, **kwargs):
+  """Runs fn, appending its wall time to `timings[name]` (one entry per call)."""
   start = time.time()
   out = fn(*args, **kwargs)
-  timings[name] = timings.get(name, 0.0) + time.time() - start
+  timings.setdefault(name, []).append(time.time() - start)
   return out
+
+
+def _num_params(model) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def _student_params(config, init_dir: str) -> int:
+  model, _ = checkpoints.load_model(
+    config.student.model, os.path.join(init_dir, "checkpoints"), where="config.student"
+  )
+  return _num_params(model)
 
 
 def _stage(msg: str, *args):
@@ -324,11 +265,12 @@ def _stage(msg: str, *args):
   print(msg % args, flush=True)
 
 
-def eval_key(config, model_dir: str, teacher_dir: str) -> dict:
+def eval_key(config, model_dir: str, teacher_dir: str, eval_seed: int) -> dict:
   """What a stored evaluation was computed from: the model's and the teacher's
   checkpoints (`runguard.checkpoint_identity`) and the evaluation settings."""
   p = config.pipeline
-  settings = {k: p[k] for k in ("eval_split", "eval_samples", "eval_batch_size", "eval_seed")}
+  settings = {k: p[k] for k in ("eval_split", "eval_samples", "eval_batch_size")}
+  settings.update(eval_seed=eval_seed)
   settings.update(max_input_len=config.train.max_input_len)
   settings.update(max_target_len=config.train.max_target_len)
   return json.loads(json.dumps({
@@ -358,10 +300,20 @@ def run(config, workdir: str):
     # Orbax and tf.data log every checkpoint and pipeline at INFO: keep the
     # stage lines and progress bars readable (--verbosity=1 shows everything).
     logging.set_verbosity(logging.WARNING)
-  unknown = set(p.methods) - set(objectives.OBJECTIVES)
-  if unknown:
-    raise ValueError(f"pipeline.methods: unknown objectives {sorted(unknown)}")
+  for field in ("methods", "online_methods"):
+    unknown = set(p[field]) - set(objectives.OBJECTIVES)
+    if unknown:
+      raise ValueError(
+        f"pipeline.{field}: expected objectives from {sorted(objectives.OBJECTIVES)}; "
+        f"found unknown {sorted(unknown)}"
+      )
+  if not p.seeds or len(set(p.seeds)) != len(p.seeds):
+    raise ValueError(f"pipeline.seeds: expected distinct seeds, found {tuple(p.seeds)}")
   os.makedirs(workdir, exist_ok=True)
+  if p.compilation_cache:
+    # Seeds of one method compile the same step: compile it once.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   timings: dict[str, float] = {}
   _stage("[1/5] teacher: %d MLE steps", p.teacher_steps)
   teacher_dir = os.path.join(workdir, "teacher")
@@ -371,7 +323,7 @@ def run(config, workdir: str):
   pass_cfg = student_config(config, workdir, "kl", "", 0)
   _timed(timings, "teacher_pass", teacher_pass.run, pass_cfg, workdir)
 
-  runs = {}
+  runs: dict[str, str] = {}
   _stage("[3/5] shared student initialisation: %s, %d steps", p.init_objective, p.init_steps)
   init_dir = os.path.join(workdir, "students", "init")
   _timed(
@@ -384,43 +336,65 @@ def run(config, workdir: str):
   runs["init"] = init_dir
   init_ckpt = os.path.join(init_dir, "checkpoints")
 
-  _stage("[4/5] distillation: %s, %d steps each", ", ".join(p.methods), p.distill_steps)
-  for method in p.methods:
-    run_dir = os.path.join(workdir, "students", method)
-    cfg = student_config(config, workdir, method, init_ckpt, p.distill_steps)
-    _timed(timings, f"distill/{method}", main.run_distill, cfg, run_dir)
-    runs[method] = run_dir
+  students = variants(p)
+  _stage(
+    "[4/5] distillation: %s, %d steps each, seeds %s",
+    ", ".join(students),
+    p.distill_steps,
+    list(p.seeds),
+  )
+  for seed in p.seeds:
+    for name, (objective, overrides) in students.items():
+      run_dir = os.path.join(workdir, "students", name, f"seed{seed}")
+      cfg = student_config(config, workdir, objective, init_ckpt, p.distill_steps, seed, overrides)
+      _timed(timings, f"distill/{name}", main.run_distill, cfg, run_dir)
+      runs[f"{name}/seed{seed}"] = run_dir
 
-  _stage("[5/5] evaluation on the %s split", p.eval_split)
+  _stage("[5/5] evaluation on the %s split, eval seeds %s", p.eval_split, list(p.seeds))
   task = tasks.get_task(config.task)
   teacher, _ = checkpoints.load_model(
     config.teacher.model, os.path.join(teacher_dir, "checkpoints")
   )
-  eval_dir = os.path.join(workdir, "eval")
-  os.makedirs(eval_dir, exist_ok=True)
-  rows, teacher_cache = {}, {}
-  for name in ["teacher", *runs]:
-    runguard.stop_if_preempted(f"the evaluation of {name}")
-    path = os.path.join(eval_dir, f"{name}.json")
-    key = eval_key(config, runs.get(name, teacher_dir), teacher_dir)
-    stored = read_eval(path, key)
-    if stored is not None:
-      rows[name] = stored
-      continue
-    if name == "teacher":
-      model = teacher
-    else:
-      model, _ = checkpoints.load_model(
-        config.student.model, os.path.join(runs[name], "checkpoints"), where="config.student"
-      )
-    metrics = _timed(timings, "evaluate", evaluate, config, task, model, teacher, teacher_cache)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"key": key, "metrics": metrics}, f, indent=2, default=float)
-    os.replace(tmp, path)
-    rows[name] = metrics
+  # The teacher and the shared initial student are evaluated once per seed
+  # too (with that seed's sampling keys), so every row has an interval.
+  per_seed: dict[str, dict[str, dict]] = {}
+  for seed in p.seeds:
+    teacher_cache: dict = {}
+    models_dirs = {"teacher": teacher_dir, "init": init_dir}
+    models_dirs.update({n: runs[f"{n}/seed{seed}"] for n in students})
+    for name, model_dir in models_dirs.items():
+      runguard.stop_if_preempted(f"the evaluation of {name}, seed {seed}")
+      eval_seed = p.eval_seed + 1000 * seed
+      path = os.path.join(workdir, "eval", name, f"seed{seed}.json")
+      key = eval_key(config, model_dir, teacher_dir, eval_seed)
+      metrics = read_eval(path, key)
+      if metrics is None:
+        if name == "teacher":
+          model = teacher
+        else:
+          model, _ = checkpoints.load_model(
+            config.student.model, os.path.join(model_dir, "checkpoints"), where="config.student"
+          )
+        metrics = _timed(
+          timings, "evaluate", evaluate, config, task, model, teacher, eval_seed, teacher_cache
+        )
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+          json.dump({"key": key, "metrics": metrics}, f, indent=2, default=float)
+        os.replace(tmp, path)
+      per_seed.setdefault(name, {})[str(seed)] = metrics
   runguard.stop_if_preempted("the report")
-  table = _write_report(workdir, config, rows, timings, runs)
-  print(table)
+  results = {
+    "seeds": list(p.seeds),
+    "shared": "teacher, teacher records and initial student shared by all seeds; "
+    "per seed: the methods' training keys and data order, and the evaluation keys",
+    "eval_samples": p.eval_samples,
+    "sizes": {"teacher": _num_params(teacher), "student": _student_params(config, init_dir)},
+    "per_seed": per_seed,
+    "timings_s": timings,
+  }
+  text = report.write(workdir, results, runs, bool(p.plots))
+  print(text)
   print(f"\nReport: {os.path.join(workdir, 'results.md')}")
-  return rows
+  return report.means(evidence.summarize(per_seed))

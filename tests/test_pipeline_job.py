@@ -3,6 +3,8 @@
 import json
 import os
 
+import numpy as np
+
 from configs import default
 from fdistill_jax import pipeline
 
@@ -12,6 +14,7 @@ def test_main_job_writes_table_json_and_plots(tmp_path):
   p = config.pipeline
   p.teacher_steps, p.init_steps, p.distill_steps = 30, 4, 4
   p.methods = ("kl", "rkl")
+  p.seeds, p.online_methods = (0, 1), ()
   p.eval_samples = 2
   config.train.checkpoint_every_steps = 1000
   config.train.progress_bar = False
@@ -32,9 +35,14 @@ def test_main_job_writes_table_json_and_plots(tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
   assert set(saved["models"]) == set(rows)
+  # Per-seed values are kept and the means are theirs.
+  assert set(saved["per_seed"]["kl"]) == {"0", "1"}
+  seeds_kl = [saved["per_seed"]["kl"][s]["precision"] for s in ("0", "1")]
+  assert rows["kl"]["precision"] == np.mean(seeds_kl)
   table = open(os.path.join(workdir, "results.md")).read()
   assert "| rkl |" in table and "coverage" in table and "draft accept" in table
-  for png in ("quality_vs_coverage.png", "training_curves.png"):
+  assert "The paper's claims" in table and "KL averages modes" in table
+  for png in ("frontier.png", "training_curves.png"):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000
   # A second run finds every stage finished and reuses the stored evaluations.
   again = pipeline.run(config, workdir)

@@ -1,0 +1,19 @@
+"""The main job plus a JS(beta) sweep: the precision-coverage frontier.
+
+  python -m fdistill_jax.main --config=configs/frontier.py --workdir=workdir
+
+Run after (or instead of) the main job in the same workdir: the teacher,
+teacher records, initial student and every method of `configs/default.py`
+are reused, and JS is distilled at each beta below for every seed (beta is
+the student's weight in m = (1 - beta) p + beta q: small beta is RKL-like,
+large beta KL-like). results.md/json and frontier.png then hold all of them.
+Hardware and time: a 2-core CPU, about 6 minutes after the main job.
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  config = default.get_config(arg)
+  config.pipeline.js_betas = (0.1, 0.3, 0.5, 0.7, 0.9)  # js-b<beta> students, every seed
+  return config
