@@ -85,14 +85,15 @@ def capacity_lines(summary, sizes: dict[str, int]) -> list[str]:
   ]
 
 
-def _error_plot(ax, summary, x, y):
-  markers = "osD^v<>pPX*h"
+def _error_plot(ax, summary, x, y, colors):
+  """Every student at (mean x, mean y) with 95% intervals; a distinct marker and colour each."""
+  markers = "osD^v<>pPX*hH8d"
   sweep = sorted((n for n in summary if n.startswith("js-b")), key=lambda n: float(n[4:]))
   if all(x in summary[n] and y in summary[n] for n in sweep) and len(sweep) > 1:
     ax.plot([summary[n][x].mean for n in sweep], [summary[n][y].mean for n in sweep], "k-", lw=0.8)
-  for i, (name, m) in enumerate(summary.items()):
-    if name in ("teacher", "init") or x not in m or y not in m:
-      continue
+  shown = [n for n, m in summary.items() if n not in ("teacher", "init") and x in m and y in m]
+  for i, name in enumerate(shown):
+    m = summary[name]
     xe = 0 if m[x].n < 2 else m[x].half
     ye = 0 if m[y].n < 2 else m[y].half
     ax.errorbar(
@@ -101,7 +102,7 @@ def _error_plot(ax, summary, x, y):
       xerr=xe,
       yerr=ye,
       fmt=markers[i % len(markers)],
-      color=f"C{i % 10}",
+      color=colors(i % 20),
       capsize=3,
       label=name,
     )
@@ -116,8 +117,9 @@ def plots(workdir: str, summary: dict, runs: dict[str, str]) -> list[str]:
 
   written = []
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-  _error_plot(axes[0], summary, "coverage_weighted", "precision")
-  _error_plot(axes[1], summary, "coverage_weighted", "tvd_exact")
+  colors = matplotlib.colormaps["tab20"]
+  _error_plot(axes[0], summary, "coverage_weighted", "precision", colors)
+  _error_plot(axes[1], summary, "coverage_weighted", "tvd_exact", colors)
   axes[0].set(
     xlabel="mode coverage % (weighted)", ylabel="precision %", title="precision vs coverage"
   )
