@@ -44,7 +44,7 @@ def pipeline_config() -> ml_collections.ConfigDict:
   c.eval_seed = 0  # sampling key of example i is fold_in(key(eval_seed), i)
   c.draft_lengths = (2, 4, 8)  # speculative draft lengths for tokens_per_step_gamma<g>
   c.plots = True  # write PNG plots next to results.md
-  c.compilation_cache = True  # persistent XLA cache in WORKDIR/jax_cache (seeds reuse steps)
+  c.compilation_cache = True  # persistent XLA cache in ~/.cache/fdistill_jax (seeds reuse steps)
   return c
 
 

@@ -52,6 +52,9 @@ from fdistill_jax import (
 )
 from fdistill_jax.data import tasks
 
+# Persistent XLA cache of the main job (outside the workdir: it is no result).
+COMPILATION_CACHE = os.path.expanduser("~/.cache/fdistill_jax/jax_cache")
+
 
 def _sub(config, **sections) -> ml_collections.ConfigDict:
   """A deep, unlocked copy of `config` with `sections` replaced."""
@@ -265,12 +268,13 @@ def _stage(msg: str, *args):
   print(msg % args, flush=True)
 
 
-def eval_key(config, model_dir: str, teacher_dir: str, eval_seed: int) -> dict:
+def eval_key(config, model_dir: str, teacher_dir: str, eval_seed: int | None = None) -> dict:
   """What a stored evaluation was computed from: the model's and the teacher's
-  checkpoints (`runguard.checkpoint_identity`) and the evaluation settings."""
+  checkpoints (`runguard.checkpoint_identity`) and the evaluation settings
+  (`eval_seed`: the evaluation's sampling seed, default `pipeline.eval_seed`)."""
   p = config.pipeline
   settings = {k: p[k] for k in ("eval_split", "eval_samples", "eval_batch_size")}
-  settings.update(eval_seed=eval_seed)
+  settings.update(eval_seed=p.eval_seed if eval_seed is None else eval_seed)
   settings.update(max_input_len=config.train.max_input_len)
   settings.update(max_target_len=config.train.max_target_len)
   return json.loads(json.dumps({
@@ -312,7 +316,7 @@ def run(config, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   if p.compilation_cache:
     # Seeds of one method compile the same step: compile it once.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   timings: dict[str, float] = {}
   _stage("[1/5] teacher: %d MLE steps", p.teacher_steps)
