@@ -7,7 +7,7 @@ teacher records, initial student and every method of `configs/default.py`
 are reused, and JS is distilled at each beta below for every seed (beta is
 the student's weight in m = (1 - beta) p + beta q: small beta is RKL-like,
 large beta KL-like). results.md/json and frontier.png then hold all of them.
-Hardware and time: a 2-core CPU, about 6 minutes after the main job.
+Hardware and time: a 2-core CPU; 15 more students per run (not timed end to end).
 """
 
 from configs import default
