@@ -71,6 +71,25 @@ def export_section() -> ml_collections.ConfigDict:
   return e
 
 
+def evaluate_section() -> ml_collections.ConfigDict:
+  e = ml_collections.ConfigDict()
+  e.split = "test"  # the experiment task's split, when generate.prompts is "-" (no prompts file)
+  e.max_examples = 0  # evaluate the first N prompts only (0: all)
+  e.reference_key = "reference"  # .jsonl prompts: field of the reference reply(s), if present
+  # "": no teacher metrics; "experiment": the experiment's teacher; or a .gguf
+  # file / Hugging Face folder.
+  e.teacher = ""
+  e.teacher_checkpoint = ""  # with teacher="experiment": a checkpoints folder ("": its own weights)
+  # Teacher replies the student scores: "" samples them from evaluate.teacher
+  # with the generate sampler; or a generate JSONL (e.g. an earlier
+  # teacher_samples_*.jsonl) or a teacher-pass record folder of the same split.
+  e.teacher_samples = ""
+  e.repetition_n = (1, 2, 4)  # n-gram orders of the repetition rate (words)
+  e.output_dir = ""  # metrics_*.json, examples_*.jsonl, teacher_samples_*.jsonl; "": WORKDIR
+  e.predictions = ""  # score this predictions JSONL instead of a model (the split's order)
+  return e
+
+
 def _smollm2() -> str:
   from configs import teacher_gguf
 
@@ -102,4 +121,5 @@ def get_config(arg: str | None = None):
     config.unlock()
     config.generate = generate_section("student", None)
   config.export = export_section()
+  config.evaluate = evaluate_section()
   return config

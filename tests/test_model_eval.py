@@ -1,0 +1,154 @@
+"""`--mode=evaluate` on models, end to end on tiny models, and its reply metrics.
+
+References: NLLs from an unjitted, unbatched forward pass per reply with a
+float64 numpy log-softmax; repetition rates counted by hand; ROUGE and BLEU
+from rouge-score and sacrebleu directly; EOS rate and lengths from the
+reply tokens.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from configs import generate as generate_configs
+from fdistill_jax import evaluate, generate, metrics, models
+from fdistill_jax.convert import export_gguf
+from fdistill_jax.data.tokenizers import load_tokenizer
+from tests import _tiny_chat as chat
+
+PROMPTS = ["hello there", "what is the capital of france", "i like music"]
+REFERENCES = ["hi how are you", "paris", "i like films"]
+
+
+def test_repetition_rate_by_hand():
+  assert metrics.repetition_rate(["a a a"], 1) == pytest.approx(200 / 3)  # 2 of 3 repeat
+  assert metrics.repetition_rate(["a b a b"], 2) == pytest.approx(100 / 3)  # ab ba ab
+  assert metrics.repetition_rate(["a b c", "x x"], 1) == pytest.approx(25.0)  # (0 + 1/2) / 2
+  # A reply with no n-gram is not counted; none at all gives nan.
+  assert metrics.repetition_rate(["a", "b c"], 2) == 0.0
+  assert math.isnan(metrics.repetition_rate(["a", ""], 2))
+  assert metrics.repetition_rate([[7, 7, 7, 7]], 2) == pytest.approx(200 / 3)
+
+
+def _log_softmax64(logits):
+  x = np.asarray(logits, np.float64)
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _nll_reference(model, prompt_ids, tokens):
+  """-sum log p(tokens | prompt), from one unpadded forward pass and a float64 log-softmax."""
+  inputs = np.asarray([prompt_ids], np.int32)
+  targets = np.asarray([tokens], np.int32)
+  ones = lambda a: np.ones(a.shape, np.float32)  # noqa: E731
+  logits = models.forward(model, inputs, ones(inputs), targets, ones(targets)).logits
+  logp = _log_softmax64(logits)[0]
+  return -float(logp[np.arange(len(tokens)), tokens].sum())
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory):
+  """(student GGUF path, student, teacher GGUF path, teacher): one tokenizer, two random models."""
+  folder = tmp_path_factory.mktemp("models")
+  spec = chat.write_chat_tokenizer(folder / "tok")
+  vocab = load_tokenizer(spec).vocab_size
+  student, teacher = chat.tiny_llama(vocab, seed=1), chat.tiny_llama(vocab, seed=2)
+  s_path = export_gguf(student, folder / "student.gguf", tokenizer=spec)
+  t_path = export_gguf(teacher, folder / "teacher.gguf", tokenizer=spec)
+  return s_path, student, t_path, teacher
+
+
+def _prompts_file(path, prompts=PROMPTS, references=REFERENCES):
+  with open(path, "w") as f:
+    for p, r in zip(prompts, references, strict=True):
+      f.write(json.dumps({"prompt": p, "reference": r}) + "\n")
+  return str(path)
+
+
+def _config(model_arg, evaluate_fields=(), **generate):
+  config = generate_configs.get_config(model_arg)
+  for key, value in generate.items():
+    config.generate[key] = value
+  for key, value in dict(evaluate_fields).items():
+    config.evaluate[key] = value
+  return config
+
+
+def _rows(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_evaluate_a_gguf_student_against_a_gguf_teacher(tmp_path, chat_models):
+  s_path, student, t_path, teacher = chat_models
+  prompts = _prompts_file(tmp_path / "p.jsonl")
+  sampling = dict(method="sample", top_p=0.9, num_samples=2, max_len=5, batch_size=4)
+  config = _config(s_path, {"teacher": t_path}, prompts=prompts, **sampling)
+  result = evaluate.run(config, str(tmp_path / "a"))
+
+  saved = json.loads((tmp_path / "a" / "metrics_prompts.json").read_text())
+  assert set(saved) == set(result) and saved["teacher_nll_token"] == result["teacher_nll_token"]
+  rows = _rows(tmp_path / "a" / "examples_prompts.jsonl")
+  teacher_rows = _rows(tmp_path / "a" / "teacher_samples_prompts.jsonl")
+  assert len(rows) == len(teacher_rows) == 6 == result["num_replies"]
+  tok = load_tokenizer({"kind": "gguf", "path": s_path})
+  ids = {p: tok.encode(generate.CHATML_USER.format(source=p)) for p in PROMPTS}
+
+  # Lengths and EOS from the tokens themselves: EOS only last, before the cap.
+  for r in rows:
+    assert chat.EOS not in r["tokens"][:-1] and len(r["tokens"]) <= 5
+  ended = [r["tokens"][-1] == chat.EOS for r in rows]
+  assert result["eos_rate"] == pytest.approx(100 * np.mean(ended))
+  assert result["mean_length"] == pytest.approx(np.mean([len(r["tokens"]) for r in rows]))
+
+  # Teacher NLL of the student's replies, and student NLL of the teacher's.
+  t_nll = [_nll_reference(teacher, ids[r["prompt"]], r["tokens"]) for r in rows]
+  s_nll = [_nll_reference(student, ids[r["prompt"]], r["tokens"]) for r in teacher_rows]
+
+  def per_token(nll, rs):
+    return np.mean([n / len(r["tokens"]) for n, r in zip(nll, rs, strict=True)])
+
+  assert result["teacher_nll_token"] == pytest.approx(per_token(t_nll, rows), rel=1e-5)
+  assert result["teacher_nll_seq"] == pytest.approx(np.mean(t_nll), rel=1e-5)
+  assert result["student_nll_teacher_token"] == pytest.approx(per_token(s_nll, teacher_rows), 1e-5)
+  assert result["student_nll_teacher_seq"] == pytest.approx(np.mean(s_nll), rel=1e-5)
+  for r, n in zip(rows, t_nll, strict=True):
+    assert r["teacher_nll"] == pytest.approx(n / len(r["tokens"]), rel=1e-5)
+  # The teacher's replies are the teacher's samples: their log-prob is the teacher's.
+  for r in teacher_rows[:2]:
+    assert r["logprob"] == pytest.approx(-_nll_reference(teacher, ids[r["prompt"]], r["tokens"]))
+
+  # Reference metrics on each prompt's first reply, diversity over all replies.
+  first = [next(r["completion"] for r in rows if r["index"] == i) for i in range(3)]
+  scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+  rouge_l = np.mean(
+    [scorer.score(ref, h)["rougeL"].fmeasure for ref, h in zip(REFERENCES, first, strict=True)]
+  )
+  assert result["rougeL"] == pytest.approx(100 * rouge_l)
+  assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(first, [REFERENCES]).score)
+  texts = [r["completion"] for r in rows]
+  assert result["distinct2"] == pytest.approx(metrics.distinct_n(texts, 2))
+  assert result["repetition2"] == pytest.approx(metrics.repetition_rate(texts, 2), nan_ok=True)
+  assert [r["references"] for r in rows] == [[REFERENCES[r["index"]]] for r in rows]
+
+  # The teacher's replies, given back, score a student without the teacher model.
+  again = _config(
+    s_path,
+    {"teacher_samples": str(tmp_path / "a" / "teacher_samples_prompts.jsonl")},
+    prompts=prompts,
+    **sampling,
+  )
+  again.evaluate.output_dir = str(tmp_path / "b")
+  second = evaluate.run(again, str(tmp_path / "unused"))
+  assert second["student_nll_teacher_token"] == pytest.approx(result["student_nll_teacher_token"])
+  assert "teacher_nll_token" not in second
+  # Teacher replies for other prompts are refused, naming the file and line.
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("".join(json.dumps({**r, "prompt": "x"}) + "\n" for r in teacher_rows))
+  again.evaluate.teacher_samples = str(bad)
+  with pytest.raises(ValueError, match=r"bad\.jsonl:1: prompt 0 is 'x'"):
+    evaluate.run(again, str(tmp_path / "c"))
