@@ -135,11 +135,6 @@ def _teacher_generate_config(config):
   out = copy.deepcopy(config)
   out.unlock()
   if e.teacher == "experiment":
-    if "teacher" not in config:
-      raise ValueError(
-        "evaluate.teacher='experiment', but the config has no experiment (no teacher section); "
-        "give the teacher's .gguf file or Hugging Face folder."
-      )
     out.generate.model, out.generate.checkpoint = "teacher", e.teacher_checkpoint
   else:
     out.generate.model = "pretrained"
@@ -148,8 +143,14 @@ def _teacher_generate_config(config):
   return out
 
 
-def _check_teacher_source(e):
+def _check_teacher_source(config):
   """Errors of `evaluate.teacher` / `teacher_samples` that need no model."""
+  e = config.evaluate
+  if e.teacher == "experiment" and "teacher" not in config:
+    raise ValueError(
+      "evaluate.teacher='experiment', but the config has no experiment (no teacher section); "
+      "give the teacher's .gguf file or Hugging Face folder."
+    )
   for key in ("teacher", "teacher_samples"):
     path = e[key]
     if path and path != "experiment" and not os.path.exists(path):
@@ -349,7 +350,7 @@ def run(config, workdir: str) -> dict:
   g, e = config.generate, config.evaluate
   sampler = make_sampler(g)
   check_template(g, g.model != "pretrained")
-  _check_teacher_source(e)
+  _check_teacher_source(config)
   prompts = read_eval_prompts(config)
   out_dir = e.output_dir or workdir
   os.makedirs(out_dir, exist_ok=True)

@@ -12,11 +12,22 @@ import math
 import numpy as np
 import pytest
 import sacrebleu
+from flax import nnx
 from rouge_score import rouge_scorer
 
 from configs import generate as generate_configs
-from fdistill_jax import evaluate, generate, metrics, models
+from fdistill_jax import (
+  checkpoints,
+  evaluate,
+  generate,
+  metrics,
+  model_eval,
+  models,
+  records,
+  teacher_pass,
+)
 from fdistill_jax.convert import export_gguf
+from fdistill_jax.data import tasks
 from fdistill_jax.data.tokenizers import load_tokenizer
 from tests import _tiny_chat as chat
 
@@ -152,3 +163,119 @@ def test_evaluate_a_gguf_student_against_a_gguf_teacher(tmp_path, chat_models):
   again.evaluate.teacher_samples = str(bad)
   with pytest.raises(ValueError, match=r"bad\.jsonl:1: prompt 0 is 'x'"):
     evaluate.run(again, str(tmp_path / "c"))
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+  """(config of the default experiment, student, teacher, checkpoints of each, record folder).
+
+  The record folder is a teacher pass over the first 3 validation examples.
+  """
+  config = generate_configs.get_config("default")
+  root = tmp_path_factory.mktemp("run")
+  saved = {}
+  for name, seed in (("student", 7), ("teacher", 8)):
+    model = models.build_model(config[name].model, rngs=seed)
+    folder = str(root / name)
+    saver = checkpoints.Checkpointer(folder, async_save=False)
+    saver.save(1, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "step": 1})
+    saver.close()
+    saved[name] = (model, folder)
+  pc = teacher_pass.PassConfig(
+    num_samples=2,
+    sampler="sample",
+    top_k=4,
+    records_per_shard=2,
+    batch_size=8,
+    max_input_len=32,
+    max_target_len=8,
+    split="validation",
+    max_examples=3,
+  )
+  task = tasks.get_task(config.task)
+  records_dir = str(root / "records")
+  teacher_pass.teacher_pass(saved["teacher"][0], task, records_dir, pc, progress=False)
+  return config, saved, records_dir
+
+
+def _read_records(directory):
+  """{example_index: [teacher token lists]}, read with TensorFlow and the schema's decoder."""
+  import tensorflow as tf
+
+  manifest = records.read_manifest(directory)
+  spec = records.spec_from_manifest(manifest)
+  out = {}
+  for shard in manifest["shards"]:
+    for raw in tf.data.TFRecordDataset(f"{directory}/{shard['file']}"):
+      r = records.decode_example(spec, raw.numpy())
+      out[int(r["example_index"])] = [
+        r["teacher_tokens"][j, :n].tolist() for j, n in enumerate(r["teacher_lengths"])
+      ]
+  return out
+
+
+def test_evaluate_an_experiment_checkpoint_on_its_task_split(tmp_path, experiment):
+  config, saved, records_dir = experiment
+  (student, s_folder), (teacher, t_folder) = saved["student"], saved["teacher"]
+  config = _config(
+    "default",
+    {
+      "split": "validation",
+      "max_examples": 3,
+      "teacher": "experiment",
+      "teacher_checkpoint": t_folder,
+      "teacher_samples": records_dir,
+    },
+    checkpoint=s_folder,
+    method="greedy",
+    max_len=8,
+  )
+  result = evaluate.run(config, str(tmp_path))
+  assert result["num_prompts"] == result["num_replies"] == 3
+  task = tasks.get_task(config.task)
+  examples = list(task.examples("validation"))[:3]
+  rows = _rows(tmp_path / "examples_validation.jsonl")
+  teacher_rows = _rows(tmp_path / "teacher_samples_validation.jsonl")
+  # The teacher replies are the record folder's, sample by sample.
+  stored = _read_records(records_dir)
+  assert [r["tokens"] for r in teacher_rows] == [t for i in range(3) for t in stored[i]]
+
+  ids = [e["inputs"].tolist() for e in examples]
+  t_nll = [_nll_reference(teacher, ids[r["index"]], r["tokens"]) / len(r["tokens"]) for r in rows]
+  s_nll = [
+    _nll_reference(student, ids[r["index"]], r["tokens"]) / len(r["tokens"]) for r in teacher_rows
+  ]
+  assert result["teacher_nll_token"] == pytest.approx(np.mean(t_nll), rel=1e-5)
+  assert result["student_nll_teacher_token"] == pytest.approx(np.mean(s_nll), rel=1e-5)
+  # The task's references, and its true modes (the synthetic task).
+  hyps = [r["completion"] for r in rows]
+  refs = [[e["target_text"] for e in examples]]
+  assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score)
+  valid = [h in task.modes(e["source_text"]) for h, e in zip(hyps, examples, strict=True)]
+  assert result["precision"] == pytest.approx(100 * np.mean(valid))
+  assert [r["prompt"] for r in rows] == [task.unwrap_source(e["source_text"]) for e in examples]
+
+
+def test_errors_come_before_any_model_loads(tmp_path, chat_models, monkeypatch):
+  def no_loading(config):
+    raise AssertionError("a model was loaded before the error")
+
+  monkeypatch.setattr(model_eval, "load_usable_model", no_loading)
+  s_path = chat_models[0]
+  prompts = _prompts_file(tmp_path / "p.jsonl")
+  cases = [
+    (dict(prompts=prompts, method="greedy", top_p=0.9), {}, r"generate.*greedy.*top_p"),
+    ({}, {}, "pretrained model needs prompts"),
+    (dict(prompts=prompts), {"teacher": str(tmp_path / "none.gguf")}, "none.gguf.*found none"),
+    (dict(prompts=prompts), {"teacher_checkpoint": "x"}, "needs evaluate.teacher='experiment'"),
+    (dict(prompts=prompts), {"teacher": "experiment"}, "has no experiment"),
+  ]
+  for generate_fields, evaluate_fields, message in cases:
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+      evaluate.run(_config(s_path, evaluate_fields, **generate_fields), str(tmp_path))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": "c", "reference": 3}\n')
+  with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected field 'reference'"):
+    evaluate.run(_config(s_path, prompts=str(bad)), str(tmp_path))
+  with pytest.raises(ValueError, match=r"evaluate.split='dev'.*has the splits"):
+    evaluate.run(_config("default", {"split": "dev"}), str(tmp_path))
