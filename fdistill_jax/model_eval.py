@@ -8,7 +8,9 @@ checkpoint), sampled with the generate sampler. `config.evaluate`
 Prompts: `generate.prompts` (a text or .jsonl file; a .jsonl row may carry
 its reference reply(s) under `evaluate.reference_key`), else the split
 `evaluate.split` of the experiment's task, whose references are the task's.
-The first `evaluate.max_examples` only, when set.
+The first `evaluate.max_examples` only, when set. Prompts longer than
+`generate.max_input_len` are cut as in training (`CuttingGenerator`) and
+counted (`num_cut_prompts`).
 
 Metrics (`metrics.py` for the scales; every reply = every sample of every
 prompt):
@@ -31,7 +33,8 @@ prompt):
 
 Both models see the same prompt tokens (the student's template; the
 tokenizers must be the same). Teacher replies are sampled from the teacher
-with the student's sampler and seed, or read from `evaluate.teacher_samples`:
+with the student's sampler (seed `generate.seed + 1`), or read from
+`evaluate.teacher_samples`:
 a generate JSONL (matched by prompt number and text) or a teacher-pass
 record folder of the same task split (matched by example index).
 
@@ -175,6 +178,26 @@ def _same_vocabulary(student: UsableModel, teacher: UsableModel):
     )
 
 
+class CuttingGenerator(Generator):
+  """A `Generator` that cuts over-long prompts as training does, instead of refusing them.
+
+  As `data.pipeline` pads a split: a prompt that ends in EOS (an encoder
+  source) keeps its first `max_input_len - 1` tokens and EOS; a decoder-only
+  prompt keeps its last `max_input_len` (the recent context and the
+  template's final marker, which decoding starts from).
+  """
+
+  def encode(self, prompts: list[str], first_index: int) -> list[list[int]]:
+    del first_index
+    out, n, eos = [], self.max_input_len, self.usable.tokenizer.eos_id
+    for text in prompts:
+      ids = self.usable.prompt_ids(text)
+      if len(ids) > n:
+        ids = ids[: n - 1] + [eos] if self.usable.input_eos else ids[len(ids) - n :]
+      out.append(ids)
+    return out
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _score(graphdef, state, inputs, input_mask, targets, target_mask):
   return models.score(nnx.merge(graphdef, state), inputs, input_mask, targets, target_mask)
@@ -285,8 +308,9 @@ def _teacher_rows(e, prompts, teacher, tokenizer, sampler, g) -> list[dict]:
     return _rows_from_records(e.teacher_samples, prompts, tokenizer)
   if e.teacher_samples:
     return _rows_from_jsonl(e.teacher_samples, prompts)
-  generator = Generator(
-    teacher, sampler, batch_size=g.batch_size, max_input_len=g.max_input_len, seed=g.seed
+  # Seed + 1: the teacher's draws are not the student's random numbers.
+  generator = CuttingGenerator(
+    teacher, sampler, batch_size=g.batch_size, max_input_len=g.max_input_len, seed=g.seed + 1
   )
   return generator(prompts.texts)
 
@@ -356,10 +380,11 @@ def run(config, workdir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
 
   student = load_usable_model(config)
-  generator = Generator(
+  generator = CuttingGenerator(
     student, sampler, batch_size=g.batch_size, max_input_len=g.max_input_len, seed=g.seed
   )
   prompt_ids = generator.encode(prompts.texts, 0)
+  cut = sum(len(student.prompt_ids(t)) > g.max_input_len for t in prompts.texts)
   rows = generator(prompts.texts)
   score = functools.partial(
     score_rows,
@@ -369,6 +394,7 @@ def run(config, workdir: str) -> dict:
     pad_id=student.tokenizer.pad_id,
   )
   result = reply_metrics(rows, prompts, e.repetition_n)
+  result["num_cut_prompts"] = int(cut)
   for r in rows:
     if prompts.references is not None:
       r["references"] = prompts.references[r["index"]]
@@ -410,7 +436,8 @@ def run(config, workdir: str) -> dict:
     json.dump(result, f, indent=2)
   os.replace(paths["metrics"] + ".tmp", paths["metrics"])
   print(
-    f"evaluate: {student.source} on {len(prompts.texts)} prompts ({prompts.tag}), "
+    f"evaluate: {student.source} on {len(prompts.texts)} prompts ({prompts.tag}; {cut} cut to "
+    f"generate.max_input_len {g.max_input_len}), "
     f"{len(rows)} replies -> {', '.join(paths.values())}\n"
     f"  repetition2 {_fmt(result, 'repetition2', '.1f')}%, EOS rate "
     f"{result['eos_rate']:.0f}%, mean length {result['mean_length']:.1f}, distinct-2 "

@@ -6,6 +6,7 @@ from rouge-score and sacrebleu directly; EOS rate and lengths from the
 reply tokens.
 """
 
+import dataclasses
 import json
 import math
 
@@ -38,6 +39,7 @@ REFERENCES = ["hi how are you", "paris", "i like films"]
 def test_repetition_rate_by_hand():
   assert metrics.repetition_rate(["a a a"], 1) == pytest.approx(200 / 3)  # 2 of 3 repeat
   assert metrics.repetition_rate(["a b a b"], 2) == pytest.approx(100 / 3)  # ab ba ab
+  assert metrics.repetition_rate(["I like it I like it"], 2) == pytest.approx(40.0)  # docs/using.md
   assert metrics.repetition_rate(["a b c", "x x"], 1) == pytest.approx(25.0)  # (0 + 1/2) / 2
   # A reply with no n-gram is not counted; none at all gives nan.
   assert metrics.repetition_rate(["a", "b c"], 2) == 0.0
@@ -97,7 +99,10 @@ def _rows(path):
 def test_evaluate_a_gguf_student_against_a_gguf_teacher(tmp_path, chat_models):
   s_path, student, t_path, teacher = chat_models
   prompts = _prompts_file(tmp_path / "p.jsonl")
-  sampling = dict(method="sample", top_p=0.9, num_samples=2, max_len=5, batch_size=4)
+  # max_input_len 12: longer prompts are cut to their last 12 tokens.
+  sampling = dict(
+    method="sample", top_p=0.9, num_samples=2, max_len=5, batch_size=4, max_input_len=12
+  )
   config = _config(s_path, {"teacher": t_path}, prompts=prompts, **sampling)
   result = evaluate.run(config, str(tmp_path / "a"))
 
@@ -107,7 +112,9 @@ def test_evaluate_a_gguf_student_against_a_gguf_teacher(tmp_path, chat_models):
   teacher_rows = _rows(tmp_path / "a" / "teacher_samples_prompts.jsonl")
   assert len(rows) == len(teacher_rows) == 6 == result["num_replies"]
   tok = load_tokenizer({"kind": "gguf", "path": s_path})
-  ids = {p: tok.encode(generate.CHATML_USER.format(source=p)) for p in PROMPTS}
+  full = {p: tok.encode(generate.CHATML_USER.format(source=p)) for p in PROMPTS}
+  ids = {p: full[p][-12:] for p in PROMPTS}
+  assert result["num_cut_prompts"] == sum(len(f) > 12 for f in full.values()) > 0
 
   # Lengths and EOS from the tokens themselves: EOS only last, before the cap.
   for r in rows:
@@ -279,3 +286,29 @@ def test_errors_come_before_any_model_loads(tmp_path, chat_models, monkeypatch):
     evaluate.run(_config(s_path, prompts=str(bad)), str(tmp_path))
   with pytest.raises(ValueError, match=r"evaluate.split='dev'.*has the splits"):
     evaluate.run(_config("default", {"split": "dev"}), str(tmp_path))
+
+
+def test_chat_template_is_found_when_pad_is_eos(tmp_path):
+  # SmolLM2's GGUF pads with <|im_end|>, its EOS: the prompt must still be ChatML.
+  spec = chat.write_chat_tokenizer(tmp_path / "tok")
+  tok = load_tokenizer({**spec, "pad_id": chat.EOS})
+  assert tok.pad_id == tok.eos_id == chat.EOS
+  assert generate._has_chatml(tok)
+
+
+def test_cutting_generator_cuts_like_training(chat_models):
+  student = chat_models[1]
+  tok = load_tokenizer({"kind": "gguf", "path": chat_models[0]})
+  text = "what is the capital of france"
+  usable = generate.UsableModel(student, tok, None, generate.CHATML_USER, False, False, "x")
+  sampler = generate.make_sampler(generate_configs.generate_section("pretrained", None))
+  full, short = usable.prompt_ids(text), usable.prompt_ids("hi")
+  n = len(short)
+  assert len(full) > n
+  cut = model_eval.CuttingGenerator(usable, sampler, batch_size=1, max_input_len=n, seed=0)
+  # A chat prompt keeps its end (the assistant marker decoding starts from).
+  assert cut.encode([text, "hi"], 0) == [full[-n:], short]
+  with_eos = dataclasses.replace(usable, input_eos=True)
+  cut = model_eval.CuttingGenerator(with_eos, sampler, batch_size=1, max_input_len=n, seed=0)
+  # An encoder source keeps its start and EOS.
+  assert cut.encode([text], 0) == [full[: n - 1] + [chat.EOS]]
