@@ -403,7 +403,11 @@ def run(config, workdir: str) -> dict:
 
   teacher, teacher_rows = None, None
   if e.teacher:
-    teacher = load_usable_model(_teacher_generate_config(config))
+    same = e.teacher == "experiment" and g.model == "teacher"
+    if same and g.checkpoint == e.teacher_checkpoint:
+      teacher = student  # the experiment's teacher evaluated against itself: loaded once
+    else:
+      teacher = load_usable_model(_teacher_generate_config(config))
     _same_vocabulary(student, teacher)
     # Both models see the student's prompt tokens.
     teacher = dataclasses.replace(

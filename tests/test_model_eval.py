@@ -312,3 +312,31 @@ def test_cutting_generator_cuts_like_training(chat_models):
   cut = model_eval.CuttingGenerator(with_eos, sampler, batch_size=1, max_input_len=n, seed=0)
   # An encoder source keeps its start and EOS.
   assert cut.encode([text], 0) == [full[: n - 1] + [chat.EOS]]
+
+
+def test_the_teacher_against_itself_loads_once(tmp_path, experiment, monkeypatch):
+  _, saved, records_dir = experiment
+  t_folder = saved["teacher"][1]
+  loads = []
+  real_load = model_eval.load_usable_model
+  monkeypatch.setattr(model_eval, "load_usable_model", lambda c: loads.append(1) or real_load(c))
+  config = _config(
+    "default",
+    {
+      "split": "validation",
+      "max_examples": 3,
+      "teacher": "experiment",
+      "teacher_checkpoint": t_folder,
+      "teacher_samples": records_dir,
+    },
+    model="teacher",
+    checkpoint=t_folder,
+    method="greedy",
+    max_len=8,
+  )
+  result = evaluate.run(config, str(tmp_path))
+  assert len(loads) == 1
+  # Greedy log-probs are the model's own: the teacher's NLL of its replies is minus them.
+  rows = _rows(tmp_path / "examples_validation.jsonl")
+  own = np.mean([-r["logprob"] / r["length"] for r in rows])
+  assert result["teacher_nll_token"] == pytest.approx(own, rel=1e-5)
