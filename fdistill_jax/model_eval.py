@@ -146,9 +146,17 @@ def _teacher_generate_config(config):
   return out
 
 
-def _check_teacher_source(config):
-  """Errors of `evaluate.teacher` / `teacher_samples` that need no model."""
+def check_evaluate(config):
+  """Errors of `config.evaluate` that need no model."""
   e = config.evaluate
+  if not (isinstance(e.max_examples, int) and e.max_examples >= 0):
+    raise ValueError(f"evaluate.max_examples: expected an int >= 0, found {e.max_examples!r}.")
+  orders = tuple(e.repetition_n) if isinstance(e.repetition_n, (tuple, list)) else None
+  if not orders or not all(isinstance(n, int) and n >= 1 for n in orders):
+    raise ValueError(
+      f"evaluate.repetition_n: expected a tuple of ints >= 1, e.g. (1, 2, 4); found "
+      f"{e.repetition_n!r}."
+    )
   if e.teacher == "experiment" and "teacher" not in config:
     raise ValueError(
       "evaluate.teacher='experiment', but the config has no experiment (no teacher section); "
@@ -374,7 +382,7 @@ def run(config, workdir: str) -> dict:
   g, e = config.generate, config.evaluate
   sampler = make_sampler(g)
   check_template(g, g.model != "pretrained")
-  _check_teacher_source(config)
+  check_evaluate(config)
   prompts = read_eval_prompts(config)
   out_dir = e.output_dir or workdir
   os.makedirs(out_dir, exist_ok=True)

@@ -276,6 +276,8 @@ def test_errors_come_before_any_model_loads(tmp_path, chat_models, monkeypatch):
     (dict(prompts=prompts), {"teacher": str(tmp_path / "none.gguf")}, "none.gguf.*found none"),
     (dict(prompts=prompts), {"teacher_checkpoint": "x"}, "needs evaluate.teacher='experiment'"),
     (dict(prompts=prompts), {"teacher": "experiment"}, "has no experiment"),
+    (dict(prompts=prompts), {"max_examples": -1}, r"evaluate.max_examples: expected an int >= 0"),
+    (dict(prompts=prompts), {"repetition_n": (2, 0)}, r"repetition_n: expected a tuple of ints"),
   ]
   for generate_fields, evaluate_fields, message in cases:
     with pytest.raises((ValueError, FileNotFoundError), match=message):
