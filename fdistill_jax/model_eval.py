@@ -173,6 +173,15 @@ def check_evaluate(config):
     )
 
 
+def _teacher_is_the_model(config) -> bool:
+  g, e = config.generate, config.evaluate
+  if e.teacher == "experiment":
+    return g.model == "teacher" and g.checkpoint == e.teacher_checkpoint
+  return g.model == "pretrained" and os.path.abspath(e.teacher) == os.path.abspath(
+    g.pretrained.path
+  )
+
+
 def _same_vocabulary(student: UsableModel, teacher: UsableModel):
   if student.tokenizer.fingerprint() != teacher.tokenizer.fingerprint():
     raise ValueError(
@@ -411,9 +420,8 @@ def run(config, workdir: str) -> dict:
 
   teacher, teacher_rows = None, None
   if e.teacher:
-    same = e.teacher == "experiment" and g.model == "teacher"
-    if same and g.checkpoint == e.teacher_checkpoint:
-      teacher = student  # the experiment's teacher evaluated against itself: loaded once
+    if _teacher_is_the_model(config):
+      teacher = student  # a model evaluated against itself is loaded once
     else:
       teacher = load_usable_model(_teacher_generate_config(config))
     _same_vocabulary(student, teacher)

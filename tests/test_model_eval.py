@@ -96,7 +96,7 @@ def _rows(path):
     return [json.loads(line) for line in f]
 
 
-def test_evaluate_a_gguf_student_against_a_gguf_teacher(tmp_path, chat_models):
+def test_evaluate_a_gguf_student_against_a_gguf_teacher(tmp_path, chat_models, monkeypatch):
   s_path, student, t_path, teacher = chat_models
   prompts = _prompts_file(tmp_path / "p.jsonl")
   # max_input_len 12: longer prompts are cut to their last 12 tokens.
@@ -153,17 +153,27 @@ def test_evaluate_a_gguf_student_against_a_gguf_teacher(tmp_path, chat_models):
   assert result["repetition2"] == pytest.approx(metrics.repetition_rate(texts, 2), nan_ok=True)
   assert [r["references"] for r in rows] == [[REFERENCES[r["index"]]] for r in rows]
 
-  # The teacher's replies, given back, score a student without the teacher model.
+  # The teacher's replies, given back, score a student without sampling the teacher;
+  # the student as its own teacher is loaded once.
+  loads = []
+  real_load = model_eval.load_usable_model
+  monkeypatch.setattr(model_eval, "load_usable_model", lambda c: loads.append(1) or real_load(c))
   again = _config(
     s_path,
-    {"teacher_samples": str(tmp_path / "a" / "teacher_samples_prompts.jsonl")},
+    {
+      "teacher": s_path,
+      "teacher_samples": str(tmp_path / "a" / "teacher_samples_prompts.jsonl"),
+      "output_dir": str(tmp_path / "b"),
+    },
     prompts=prompts,
     **sampling,
   )
-  again.evaluate.output_dir = str(tmp_path / "b")
   second = evaluate.run(again, str(tmp_path / "unused"))
+  assert loads == [1]
   assert second["student_nll_teacher_token"] == pytest.approx(result["student_nll_teacher_token"])
-  assert "teacher_nll_token" not in second
+  rows_b = _rows(tmp_path / "b" / "examples_prompts.jsonl")
+  own = [_nll_reference(student, ids[r["prompt"]], r["tokens"]) for r in rows_b]
+  assert second["teacher_nll_token"] == pytest.approx(per_token(own, rows_b), rel=1e-5)
   # Teacher replies for other prompts are refused, naming the file and line.
   bad = tmp_path / "bad.jsonl"
   bad.write_text("".join(json.dumps({**r, "prompt": "x"}) + "\n" for r in teacher_rows))
