@@ -352,3 +352,17 @@ def test_the_teacher_against_itself_loads_once(tmp_path, experiment, monkeypatch
   rows = _rows(tmp_path / "examples_validation.jsonl")
   own = np.mean([-r["logprob"] / r["length"] for r in rows])
   assert result["teacher_nll_token"] == pytest.approx(own, rel=1e-5)
+
+
+def test_a_predictions_file_is_still_scored_without_a_model(tmp_path, monkeypatch):
+  monkeypatch.setattr(model_eval, "load_usable_model", lambda c: pytest.fail("a model loaded"))
+  config = _config("default", {"split": "validation"})
+  task = tasks.get_task(config.task)
+  path = tmp_path / "preds.jsonl"
+  path.write_text(
+    "".join(json.dumps({"output": e["target_text"]}) + "\n" for e in task.examples("validation"))
+  )
+  config.evaluate.predictions = str(path)
+  result = evaluate.run(config, str(tmp_path))
+  assert result["bleu"] == pytest.approx(100.0) and result["precision"] == pytest.approx(100.0)
+  assert json.loads((tmp_path / "metrics_validation.json").read_text())["bleu"] == result["bleu"]
