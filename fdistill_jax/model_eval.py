@@ -16,7 +16,7 @@ Metrics (`metrics.py` for the scales; every reply = every sample of every
 prompt):
 
   always        mean_length (tokens, EOS counted), eos_rate (% of replies
-                that end in EOS before the `generate.max_len` cap),
+                that end in EOS within `generate.max_len` tokens),
                 distinct1/2 (% corpus-level unique word n-grams),
                 repetition<n> for n in `evaluate.repetition_n` (% of a
                 reply's word n-grams that repeat an earlier one of the same
