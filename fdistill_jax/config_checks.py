@@ -1,6 +1,7 @@
 """Config values checked at the door: ranges, the batch split, unknown command-line keys.
 
-`check(config, mode)` runs once per command (`fdistill_jax.main`) and in
+`check(config, mode)` (with the teacher pass's sampler and the task's
+files) runs once per command (`fdistill_jax.main`) and in
 `main.check_config` (library callers), before any data is read or anything
 compiles. Each error names the config key, what was expected and what was
 found. A run with nothing to train (`train.num_train_steps = 0`, or a
@@ -20,6 +21,9 @@ import os
 import re
 
 import jax
+
+from fdistill_jax import teacher_pass
+from fdistill_jax.data import tasks
 
 
 class ConfigError(ValueError):
@@ -147,12 +151,25 @@ def check_batch_split(config) -> None:
     )
 
 
+# Modes that run the teacher pass: its sampler is checked before anything else runs.
+TEACHER_PASS_MODES = ("teacher_pass", "pipeline")
+
+
 def check(config, mode: str) -> None:
-  """Every value check of `mode`'s sections; raises `ConfigError` naming the key."""
+  """Every value check of `mode`'s sections; raises `ConfigError` naming the key.
+
+  Also the teacher pass's sampler and the task's kind, files and tokenizer
+  (ValueError / FileNotFoundError naming the key): wrong ones fail here,
+  before any model loads or trains.
+  """
   sections = MODE_SECTIONS.get(mode, tuple(RULES))
   check_ranges(config, sections)
   if "train" in sections:
     check_batch_split(config)
+  if mode in TEACHER_PASS_MODES and "teacher_pass" in config:
+    teacher_pass.PassConfig.from_config(config.teacher_pass)  # checks the sampler and cache
+  if "task" in config:
+    tasks.check_config(config.task)
 
 
 # ---------------------------------------------------------------------------

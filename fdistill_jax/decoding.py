@@ -377,7 +377,8 @@ def make_model_sampler(method: str, *, num_samples: int = 1, max_len: int, **par
 # Samplers.
 # ---------------------------------------------------------------------------
 
-_NEUTRAL_SAMPLER_PARAMS = {
+# Values that mean "off" or "the method's default": never passed to a method.
+NEUTRAL_SAMPLER_PARAMS = {
   "temperature": 1.0,
   "top_k": 0,
   "top_p": 1.0,
@@ -390,7 +391,7 @@ def sampler_params(sampler_cfg) -> dict:
   """The `config.sampler` parameters that differ from their neutral value."""
   return {
     k: sampler_cfg[k]
-    for k, neutral in _NEUTRAL_SAMPLER_PARAMS.items()
+    for k, neutral in NEUTRAL_SAMPLER_PARAMS.items()
     if k in sampler_cfg and sampler_cfg[k] != neutral
   }
 

@@ -37,7 +37,15 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import checkpoints, divergences, models, runguard, sampled_divergences, sharding
+from fdistill_jax import (
+  checkpoints,
+  decoding,
+  divergences,
+  models,
+  runguard,
+  sampled_divergences,
+  sharding,
+)
 from fdistill_jax import records as rec
 
 # (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
@@ -82,9 +90,7 @@ class PassConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise ValueError(f"teacher_pass config: unknown keys {unknown}; expected {sorted(known)}")
-    params = values.get("sampler_params", ())
-    if hasattr(params, "items"):
-      values["sampler_params"] = tuple(sorted(dict(params).items()))
+    values["sampler_params"] = _method_params(values.get("sampler"), values.get("sampler_params"))
     mesh = values.get("mesh", ())
     values["mesh"] = tuple(dict(mesh).items()) if hasattr(mesh, "items") else tuple(mesh)
     return cls(**values)
@@ -94,10 +100,39 @@ class PassConfig:
       rec.check_cache_form(self.cache_form, self.top_k, self.num_tail_samples, None)
     except rec.RecordError as e:
       raise ValueError(f"config.teacher_pass: {e}") from None
+    try:
+      make_sampler(self)  # an unknown method or parameter fails here, before any model loads
+    except ValueError as e:
+      raise ValueError(
+        f"config.teacher_pass.sampler={self.sampler!r} with sampler_params "
+        f"{dict(self.sampler_params)}: {e}"
+      ) from None
     if not self.proposal_temperature > 0:
       raise ValueError(
         f"config.teacher_pass.proposal_temperature must be > 0, found {self.proposal_temperature}"
       )
+
+
+def _method_params(method, blocks) -> tuple:
+  """The `(name, value)` pairs of `method`'s block of `config.teacher_pass.sampler_params`.
+
+  `blocks` maps method -> {param: value} (configs/teacher_pass.py); only the
+  chosen method's block is read, and values at their neutral setting are
+  dropped (as `decoding.sampler_params` does), so a method's defaults hold.
+  """
+  if isinstance(blocks, tuple):  # already resolved (a PassConfig's own field)
+    return blocks
+  blocks = blocks.to_dict() if hasattr(blocks, "to_dict") else dict(blocks or {})
+  flat = sorted(k for k in blocks if k not in decoding.METHODS)
+  if flat:
+    raise ValueError(
+      f"config.teacher_pass.sampler_params: expected one block per decoding method "
+      f"{list(decoding.METHODS)} (e.g. sampler_params.{method}.PARAM), found the keys {flat}"
+    )
+  block = dict(blocks.get(method) or {})
+  neutral = decoding.NEUTRAL_SAMPLER_PARAMS
+  # Unknown names are kept, for make_sampler to refuse.
+  return tuple(sorted((k, v) for k, v in block.items() if k not in neutral or v != neutral[k]))
 
 
 # ---------------------------------------------------------------------------
@@ -189,8 +224,6 @@ def _step(graphdef, pc: PassConfig, sampler: Sampler, state, inputs, input_mask,
 
 def make_sampler(pc: PassConfig) -> Sampler:
   """The configured sampler of `fdistill_jax.decoding`, in the teacher pass's form."""
-  from fdistill_jax import decoding
-
   return decoding.make_model_sampler(
     pc.sampler, num_samples=pc.num_samples, max_len=pc.max_target_len, **dict(pc.sampler_params)
   )
@@ -475,7 +508,7 @@ def _batch_arrays(batch: list[dict], pc: PassConfig, pad_id: int, eos_id: int | 
 
 
 def run(config, workdir: str):
-  """`python -m fdistill_jax.main --mode=teacher_pass`: writes records_dir(config, workdir)."""
+  """`--mode=teacher_pass`: writes records_dir(config, workdir); returns the manifest (or None)."""
   from fdistill_jax.data import tasks
 
   pc = PassConfig.from_config(config.teacher_pass)
@@ -488,3 +521,4 @@ def run(config, workdir: str):
   manifest = teacher_pass(model, task, out_dir, pc, teacher_identity=identity)
   if manifest is not None:
     logging.info("teacher pass complete: %d records in %s", manifest["num_examples"], out_dir)
+  return manifest
