@@ -1,12 +1,14 @@
 """Config values checked at the door: ranges, the batch split, unknown command-line keys.
 
-`check(config, mode)` (with the teacher pass's sampler and the task's
-files) runs once per command (`fdistill_jax.main`) and in
+`check(config, mode)` runs once per command (`fdistill_jax.main`) and in
 `main.check_config` (library callers), before any data is read or anything
 compiles. Each error names the config key, what was expected and what was
 found. A run with nothing to train (`train.num_train_steps = 0`, or a
 pipeline stage of 0 steps) is refused: it would save its initialisation as
 a final checkpoint that later stages take for a trained model.
+
+`check_inputs(config, mode)` (the command line, after `check`) refuses a
+teacher-pass sampler or a task that cannot work before any model loads.
 
 `explain_unknown_override(argv)` turns ml_collections' bare
 `AttributeError: 'nope'` for `--config.train.nope=1` into the key's full
@@ -156,18 +158,24 @@ TEACHER_PASS_MODES = ("teacher_pass", "pipeline")
 
 
 def check(config, mode: str) -> None:
-  """Every value check of `mode`'s sections; raises `ConfigError` naming the key.
-
-  Also the teacher pass's sampler and the task's kind, files and tokenizer
-  (ValueError / FileNotFoundError naming the key): wrong ones fail here,
-  before any model loads or trains.
-  """
+  """Every value check of `mode`'s sections; raises `ConfigError` naming the key."""
   sections = MODE_SECTIONS.get(mode, tuple(RULES))
   check_ranges(config, sections)
   if "train" in sections:
     check_batch_split(config)
+
+
+def check_inputs(config, mode: str) -> None:
+  """What a command will run with: the teacher pass's sampler, the task's files.
+
+  The sampler's method and parameters (and the cache form) of modes that
+  run the teacher pass, and the task's kind, split files and tokenizer
+  (ValueError / FileNotFoundError naming the key): the command line checks
+  them first, so that they fail before any model loads or trains. Library
+  configs may leave files to be set later; `check` does not need them.
+  """
   if mode in TEACHER_PASS_MODES and "teacher_pass" in config:
-    teacher_pass.PassConfig.from_config(config.teacher_pass)  # checks the sampler and cache
+    teacher_pass.PassConfig.from_config(config.teacher_pass)
   if "task" in config:
     tasks.check_config(config.task)
 

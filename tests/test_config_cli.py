@@ -51,6 +51,7 @@ def teachers(tmp_path_factory):
   )
   (base / "train.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in PAIRS))
   paths["jsonl"], paths["tsv"] = str(base / "train.jsonl"), str(base / "train.tsv")
+  paths["tokenizer"] = spec
   return paths
 
 
@@ -77,7 +78,7 @@ def test_own_files_compose_with_pretrained_teachers(teachers, teacher, kind):
   assert sources == [s for s, _ in PAIRS]
   assert [e["target_text"] for e in examples] == [t for _, t in PAIRS]
   # The teacher's own tokenizer, whichever file it came from.
-  tok = load_tokenizer(chat.write_chat_tokenizer(os.path.dirname(teachers["jsonl"]) + "/tok2"))
+  tok = load_tokenizer(teachers["tokenizer"])
   assert list(examples[1]["targets"]) == tok.encode("paris") + [chat.EOS]
   if teacher == "gguf":  # the experiment's chat template is kept under the new kind
     assert examples[0]["source_text"].startswith("<|im_start|>user\n")
