@@ -37,16 +37,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import (
-  checkpoints,
-  decoding,
-  divergences,
-  models,
-  runguard,
-  sampled_divergences,
-  sharding,
-)
+from fdistill_jax import checkpoints, divergences, models, runguard, sampled_divergences, sharding
 from fdistill_jax import records as rec
+from fdistill_jax.decoding import make_model_sampler, method_params
 
 # (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
 # decoding.DecodeResult (tokens [B, N, T], lengths [B, N] are used); runs
@@ -90,7 +83,11 @@ class PassConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise ValueError(f"teacher_pass config: unknown keys {unknown}; expected {sorted(known)}")
-    values["sampler_params"] = _method_params(values.get("sampler"), values.get("sampler_params"))
+    params = values.get("sampler_params", ())
+    if not isinstance(params, tuple):  # configs/teacher_pass.py: one block per method
+      where = "config.teacher_pass.sampler_params"
+      params = method_params(values.get("sampler"), params, where)
+    values["sampler_params"] = params
     mesh = values.get("mesh", ())
     values["mesh"] = tuple(dict(mesh).items()) if hasattr(mesh, "items") else tuple(mesh)
     return cls(**values)
@@ -111,28 +108,6 @@ class PassConfig:
       raise ValueError(
         f"config.teacher_pass.proposal_temperature must be > 0, found {self.proposal_temperature}"
       )
-
-
-def _method_params(method, blocks) -> tuple:
-  """The `(name, value)` pairs of `method`'s block of `config.teacher_pass.sampler_params`.
-
-  `blocks` maps method -> {param: value} (configs/teacher_pass.py); only the
-  chosen method's block is read, and values at their neutral setting are
-  dropped (as `decoding.sampler_params` does), so a method's defaults hold.
-  """
-  if isinstance(blocks, tuple):  # already resolved (a PassConfig's own field)
-    return blocks
-  blocks = blocks.to_dict() if hasattr(blocks, "to_dict") else dict(blocks or {})
-  flat = sorted(k for k in blocks if k not in decoding.METHODS)
-  if flat:
-    raise ValueError(
-      f"config.teacher_pass.sampler_params: expected one block per decoding method "
-      f"{list(decoding.METHODS)} (e.g. sampler_params.{method}.PARAM), found the keys {flat}"
-    )
-  block = dict(blocks.get(method) or {})
-  neutral = decoding.NEUTRAL_SAMPLER_PARAMS
-  # Unknown names are kept, for make_sampler to refuse.
-  return tuple(sorted((k, v) for k, v in block.items() if k not in neutral or v != neutral[k]))
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +199,7 @@ def _step(graphdef, pc: PassConfig, sampler: Sampler, state, inputs, input_mask,
 
 def make_sampler(pc: PassConfig) -> Sampler:
   """The configured sampler of `fdistill_jax.decoding`, in the teacher pass's form."""
-  return decoding.make_model_sampler(
+  return make_model_sampler(
     pc.sampler, num_samples=pc.num_samples, max_len=pc.max_target_len, **dict(pc.sampler_params)
   )
 
