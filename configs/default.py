@@ -65,7 +65,6 @@ def get_config(arg: str | None = None):
   # Offline teacher sequences: ancestral samples (the paper's formulation),
   # two per input, with the top-64 teacher log-probs at every position.
   config.teacher_pass.sampler = "sample"
-  config.teacher_pass.sampler_params = ml_collections.ConfigDict()
   config.teacher_pass.num_samples = 2
   config.teacher_pass.max_input_len = 24
   config.teacher_pass.max_target_len = 24

@@ -377,7 +377,8 @@ def make_model_sampler(method: str, *, num_samples: int = 1, max_len: int, **par
 # Samplers.
 # ---------------------------------------------------------------------------
 
-_NEUTRAL_SAMPLER_PARAMS = {
+# Values that mean "off" or "the method's default": never passed to a method.
+NEUTRAL_SAMPLER_PARAMS = {
   "temperature": 1.0,
   "top_k": 0,
   "top_p": 1.0,
@@ -390,9 +391,29 @@ def sampler_params(sampler_cfg) -> dict:
   """The `config.sampler` parameters that differ from their neutral value."""
   return {
     k: sampler_cfg[k]
-    for k, neutral in _NEUTRAL_SAMPLER_PARAMS.items()
+    for k, neutral in NEUTRAL_SAMPLER_PARAMS.items()
     if k in sampler_cfg and sampler_cfg[k] != neutral
   }
+
+
+def method_params(method: str, blocks, where: str) -> tuple:
+  """The sorted `(name, value)` pairs of `method`'s block in `blocks` (method -> {param: value}).
+
+  Only the chosen method's block is read, so switching methods drops the
+  others' parameters; values at their neutral setting are left out, as
+  `sampler_params` does, so the method's defaults hold. Names a method
+  does not take are kept, for `make_model_sampler` to refuse.
+  """
+  blocks = blocks.to_dict() if hasattr(blocks, "to_dict") else dict(blocks or {})
+  flat = sorted(k for k in blocks if k not in METHODS)
+  if flat:
+    raise ValueError(
+      f"{where}: expected one block per decoding method {list(METHODS)} "
+      f"(e.g. {where}.{method}.PARAM), found the keys {flat}"
+    )
+  block = dict(blocks.get(method) or {})
+  neutral = NEUTRAL_SAMPLER_PARAMS
+  return tuple(sorted((k, v) for k, v in block.items() if k not in neutral or v != neutral[k]))
 
 
 def default_sampler(mode: str, sampler_cfg, max_len: int):

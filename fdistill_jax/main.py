@@ -9,6 +9,9 @@ From `config.objective` to the loss: `run_distill` -> `train.train_loop`
 (`objectives.plan_from_config`) -> `train_step.make_train_step(plan)` ->
 `objectives.compute_loss` / `objectives.fused_loss` (docs/internals.md).
 
+Library logs stay at WARNING unless `--verbose`; every mode ends with a
+short summary (`fdistill_jax.run_summary`).
+
 Exit codes (docs/failure-modes.md): 0 done, 1 error, 3 diverged (non-finite
 training), 4 workdir of another run identity, 5 workdir in use by another
 process, 75 preempted (SIGTERM; state saved, rerun the same command).
@@ -18,7 +21,16 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
+
+# TensorFlow logs C++ INFO lines (oneDNN) as it loads, which the imports
+# below do before any flag is parsed: off on the command line unless
+# --verbose; a TF_CPP_MIN_LOG_LEVEL the user set is kept.
+if __name__ == "__main__" and not {"--verbose", "--verbose=true", "--verbose=1"} & {
+  a.lower() for a in sys.argv[1:]
+}:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +47,7 @@ from fdistill_jax import (
   objectives,
   record_checks,
   records,
+  run_summary,
   runguard,
   sharding,
   teacher_pass,
@@ -254,6 +267,9 @@ def _define_flags() -> dict:
     ),
     workdir=flags.DEFINE_string("workdir", None, "Directory for checkpoints, records and results."),
     mode=flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run."),
+    verbose=flags.DEFINE_bool(
+      "verbose", False, "Show the libraries' INFO logs (absl, Orbax, JAX, TensorFlow)."
+    ),
   )
 
 
@@ -262,6 +278,7 @@ def main(argv, flag_values: dict):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if flag_values["workdir"].value is None:
     raise app.UsageError("--workdir is required")
+  run_summary.quiet_library_logs(flag_values["verbose"].value)  # before TensorFlow logs
   config = flag_values["config"].value
   if config is None:
     from configs import default  # the configs/ folder is not part of the installed library
@@ -270,9 +287,11 @@ def main(argv, flag_values: dict):
   # Before anything touches a device: multi-process runs join their peers here.
   distributed.initialize(config)
   config_checks.check(config, flag_values["mode"].value)  # counts devices: after initialize
+  config_checks.check_inputs(config, flag_values["mode"].value)  # before any model loads
   distributed.install_log_filter()
   mode, workdir = flag_values["mode"].value, flag_values["workdir"].value
-  sys.exit(runguard.run_mode(_resolve(mode), config, workdir))
+  # Every mode ends with the same summary: what it wrote where, final metrics, wall time.
+  sys.exit(runguard.run_mode(run_summary.reported(mode, _resolve(mode)), config, workdir))
 
 
 if __name__ == "__main__":

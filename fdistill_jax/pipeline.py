@@ -354,10 +354,6 @@ def read_eval(path: str, key: dict) -> dict | None:
 def run(config, workdir: str):
   """Runs every stage (skipping finished ones) and writes the report into `workdir`."""
   p = config.pipeline
-  if logging.get_verbosity() == logging.INFO:
-    # Orbax and tf.data log every checkpoint and pipeline at INFO: keep the
-    # stage lines and progress bars readable (--verbosity=1 shows everything).
-    logging.set_verbosity(logging.WARNING)
   unknown = set(p.methods) - set(objectives.OBJECTIVES)
   if unknown:
     raise ValueError(f"pipeline.methods: unknown objectives {sorted(unknown)}")

@@ -39,6 +39,7 @@ from flax import nnx
 
 from fdistill_jax import checkpoints, divergences, models, runguard, sampled_divergences, sharding
 from fdistill_jax import records as rec
+from fdistill_jax.decoding import make_model_sampler, method_params
 
 # (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
 # decoding.DecodeResult (tokens [B, N, T], lengths [B, N] are used); runs
@@ -83,8 +84,10 @@ class PassConfig:
     if unknown:
       raise ValueError(f"teacher_pass config: unknown keys {unknown}; expected {sorted(known)}")
     params = values.get("sampler_params", ())
-    if hasattr(params, "items"):
-      values["sampler_params"] = tuple(sorted(dict(params).items()))
+    if not isinstance(params, tuple):  # configs/teacher_pass.py: one block per method
+      where = "config.teacher_pass.sampler_params"
+      params = method_params(values.get("sampler"), params, where)
+    values["sampler_params"] = params
     mesh = values.get("mesh", ())
     values["mesh"] = tuple(dict(mesh).items()) if hasattr(mesh, "items") else tuple(mesh)
     return cls(**values)
@@ -94,6 +97,13 @@ class PassConfig:
       rec.check_cache_form(self.cache_form, self.top_k, self.num_tail_samples, None)
     except rec.RecordError as e:
       raise ValueError(f"config.teacher_pass: {e}") from None
+    try:
+      make_sampler(self)  # an unknown method or parameter fails here, before any model loads
+    except ValueError as e:
+      raise ValueError(
+        f"config.teacher_pass.sampler={self.sampler!r} with sampler_params "
+        f"{dict(self.sampler_params)}: {e}"
+      ) from None
     if not self.proposal_temperature > 0:
       raise ValueError(
         f"config.teacher_pass.proposal_temperature must be > 0, found {self.proposal_temperature}"
@@ -189,9 +199,7 @@ def _step(graphdef, pc: PassConfig, sampler: Sampler, state, inputs, input_mask,
 
 def make_sampler(pc: PassConfig) -> Sampler:
   """The configured sampler of `fdistill_jax.decoding`, in the teacher pass's form."""
-  from fdistill_jax import decoding
-
-  return decoding.make_model_sampler(
+  return make_model_sampler(
     pc.sampler, num_samples=pc.num_samples, max_len=pc.max_target_len, **dict(pc.sampler_params)
   )
 
@@ -475,7 +483,7 @@ def _batch_arrays(batch: list[dict], pc: PassConfig, pad_id: int, eos_id: int | 
 
 
 def run(config, workdir: str):
-  """`python -m fdistill_jax.main --mode=teacher_pass`: writes records_dir(config, workdir)."""
+  """`--mode=teacher_pass`: writes records_dir(config, workdir); returns the manifest (or None)."""
   from fdistill_jax.data import tasks
 
   pc = PassConfig.from_config(config.teacher_pass)
@@ -488,3 +496,4 @@ def run(config, workdir: str):
   manifest = teacher_pass(model, task, out_dir, pc, teacher_identity=identity)
   if manifest is not None:
     logging.info("teacher pass complete: %d records in %s", manifest["num_examples"], out_dir)
+  return manifest
