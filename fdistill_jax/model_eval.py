@@ -57,7 +57,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from fdistill_jax import metrics, models, records
@@ -379,15 +378,9 @@ def _write_jsonl(path: str, rows: list[dict]):
   os.replace(tmp, path)
 
 
-def _fmt(m: dict, key: str, spec: str) -> str:
-  return format(m[key], spec) if key in m else "-"
-
-
 def run(config, workdir: str) -> dict:
   """`--mode=evaluate` of the model `config.generate` names; returns the metrics dict."""
   start = time.time()
-  if logging.get_verbosity() == logging.INFO:
-    logging.set_verbosity(logging.WARNING)
   g, e = config.generate, config.evaluate
   sampler = make_sampler(g)
   check_template(g, g.model != "pretrained")
@@ -452,18 +445,8 @@ def run(config, workdir: str) -> dict:
   result["model"] = student.source
   result["teacher"] = teacher.source if teacher is not None else (e.teacher_samples or None)
   result["wall_s"] = time.time() - start
+  result["outputs"] = paths  # read by run_summary for the end-of-run summary
   with open(paths["metrics"] + ".tmp", "w") as f:
     json.dump(result, f, indent=2)
   os.replace(paths["metrics"] + ".tmp", paths["metrics"])
-  print(
-    f"evaluate: {student.source} on {len(prompts.texts)} prompts ({prompts.tag}; {cut} cut to "
-    f"generate.max_input_len {g.max_input_len}), "
-    f"{len(rows)} replies -> {', '.join(paths.values())}\n"
-    f"  repetition2 {_fmt(result, 'repetition2', '.1f')}%, EOS rate "
-    f"{result['eos_rate']:.0f}%, mean length {result['mean_length']:.1f}, distinct-2 "
-    f"{result['distinct2']:.1f}%, ROUGE-L {_fmt(result, 'rougeL', '.1f')}, teacher NLL "
-    f"{_fmt(result, 'teacher_nll_token', '.3f')}, student NLL of teacher replies "
-    f"{_fmt(result, 'student_nll_teacher_token', '.3f')}; {result['wall_s']:.1f} s",
-    flush=True,
-  )
   return result

@@ -77,7 +77,10 @@ def _pipeline(config, workdir, result) -> tuple[dict, dict]:
 
 
 def _evaluate(config, workdir, result) -> tuple[dict, dict]:
-  # evaluate.run of a predictions file writes WORKDIR/metrics_SPLIT.json.
+  # model_eval.run names its files in `outputs`; a predictions file's
+  # evaluation writes WORKDIR/metrics_SPLIT.json.
+  if isinstance(result, dict) and "outputs" in result:
+    return dict(result["outputs"]), {k: v for k, v in result.items() if k != "outputs"}
   split = (config.get("evaluate", None) or {}).get("split", None) or "test"
   return {"metrics": os.path.join(workdir, f"metrics_{split}.json")}, dict(result or {})
 
