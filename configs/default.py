@@ -23,7 +23,8 @@ from fdistill_jax.models import presets
 
 def pipeline_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Distillation methods compared (objective names, fdistill_jax.objectives.OBJECTIVES).
+  # Distillation methods compared (objective names, fdistill_jax.objectives.OBJECTIVES,
+  # or schedules of them such as "kl:0.5,tvd": fdistill_jax.objective_schedule).
   c.methods = ("kl", "rkl", "js", "tvd", "seqkd", "engine", "mle")
   c.teacher_steps = 1200  # MLE steps of the teacher
   c.teacher_batch_size = 32  # teacher training batch

@@ -40,7 +40,7 @@ from fdistill_jax import (
   divergences,
   main,
   models,
-  objectives,
+  objective_schedule,
   records,
   runguard,
   teacher_pass,
@@ -79,6 +79,7 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   cfg.model = config.teacher.model
   cfg.objective = copy.deepcopy(config.objective)
   cfg.objective.name = "mle"
+  cfg.objective.schedule = ""
   cfg.train = copy.deepcopy(config.train)
   cfg.train.num_train_steps = p.teacher_steps
   cfg.train.batch_size = p.teacher_batch_size
@@ -89,9 +90,10 @@ def teacher_config(config) -> ml_collections.ConfigDict:
 
 
 def student_config(config, workdir: str, objective: str, init_checkpoint: str, steps: int):
+  """The distill config of one method; `objective` may be a schedule ("kl:0.5,tvd")."""
   p = config.pipeline
   cfg = _sub(config)
-  cfg.objective.name = objective
+  cfg.objective.name, cfg.objective.schedule = objective_schedule.split_spec(objective)
   cfg.train.num_train_steps = steps
   cfg.train.learning_rate = p.learning_rate
   cfg.student.init_checkpoint = init_checkpoint
@@ -354,9 +356,10 @@ def read_eval(path: str, key: dict) -> dict | None:
 def run(config, workdir: str):
   """Runs every stage (skipping finished ones) and writes the report into `workdir`."""
   p = config.pipeline
-  unknown = set(p.methods) - set(objectives.OBJECTIVES)
-  if unknown:
-    raise ValueError(f"pipeline.methods: unknown objectives {sorted(unknown)}")
+  # Objectives or schedules of them ("kl:0.5,tvd"), checked before the teacher trains.
+  objective_schedule.parse(p.init_objective, p.init_steps, where="config.pipeline.init_objective")
+  for method in p.methods:
+    objective_schedule.parse(method, p.distill_steps, where="config.pipeline.methods")
   os.makedirs(workdir, exist_ok=True)
   timings: dict[str, float] = {}
   _stage("[1/5] teacher: %d MLE steps", p.teacher_steps)
