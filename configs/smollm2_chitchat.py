@@ -41,7 +41,7 @@ PRESETS = {
   # A 2-core CPU: the whole chain (launch/smollm2_chitchat.sh) in about an hour.
   "cpu": dict(
     layers=(0, 4, 8, 12, 16, 20, 24, 29),  # teacher layers the student copies
-    train_examples=128,  # training prompts (teacher pass and every student)
+    train_examples=96,  # training prompts (teacher pass and every student)
     max_input_len=96,  # prompt tokens: system turn + one context turn
     max_target_len=32,  # reply tokens, EOS included
     pass_batch_size=16,  # teacher-pass inputs per jitted step
