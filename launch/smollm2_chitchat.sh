@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M chit-chat recipe (configs/smollm2_chitchat.py), every stage:
-# teacher pass, the students (mle on the ground truth, kl, js), then
-# --mode=evaluate of the teacher, the layer-copy init and each student on the
-# same test prompts against the same teacher replies.
+# the teacher pass, --mode=evaluate of the layer-copy init and of the teacher,
+# then each student (kl, mle on the ground truth, js) trained and evaluated at
+# once, all on the same test prompts against the same teacher replies.
 #
 # Usage (from the repository root, the venv of the README active):
 #   launch/smollm2_chitchat.sh [ROOT] [PRESET]     # defaults: runs/smollm2_chitchat cpu
