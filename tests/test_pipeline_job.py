@@ -3,10 +3,13 @@
 import json
 import os
 
+import pytest
+
 from configs import default
 from fdistill_jax import pipeline
 
 
+@pytest.mark.slow
 def test_main_job_writes_table_json_and_plots(tmp_path):
   config = default.get_config()
   p = config.pipeline
