@@ -18,7 +18,12 @@ medians after warm-up; the PyTorch side runs with its faster thread count
   token's log-prob, the top-64 log-probs and ids and the tail mass. JAX: the
   teacher pass's own jitted step (`teacher_pass._step`, no file writing);
   HF: `generate(do_sample=True, output_logits=True)` and the same record
-  arrays from its logits.
+  arrays from its logits. Before / after: `teacher_pass_stepwise_speedup` is
+  the earlier path (sample, then a teacher-forced forward over prompt +
+  samples for the record fields, `teacher_scoring._rescore`) over the
+  pass's path now (the record fields from the decode loop's own log-probs),
+  rotated in the same run; `teacher_pass_stepwise_max_abs_diff` the largest
+  difference of their top-k log-probs (the sampled tokens must be identical).
 * `distill_step_speedup/kl` and `/js`: one training step at batch 8 (prompt
   64, target 32, top-64 records), the trainer's step
   (`train_step.make_train_step` + `jit_step`, AdamW) vs the same loss and
@@ -64,7 +69,7 @@ from bench.loss_kernel import REPO, torch_python  # noqa: E402
 from bench.mfu import make_batch  # noqa: E402
 from bench.train import make_step  # noqa: E402
 from configs.teacher_gguf import smollm2_gguf  # noqa: E402
-from fdistill_jax import models, sharding, teacher_pass, train_step  # noqa: E402
+from fdistill_jax import models, sharding, teacher_pass, teacher_scoring, train_step  # noqa: E402
 from fdistill_jax.convert import export_hf, load_gguf, student_from_teacher  # noqa: E402
 
 PRESETS = {
@@ -134,14 +139,14 @@ def matmul_params(cfg) -> int:
   return cfg.num_layers * per_layer + d * cfg.vocab_size
 
 
-def _pair(name, jax_fn, make_worker, args, repeats, probes):
-  """Times the JAX side against the fastest-threaded PyTorch worker; returns
-  (times, worker answer, worker's quit message)."""
+def _pair(name, jax_fn, make_worker, args, repeats, probes, more=None):
+  """Times the JAX side (and the JAX sides in `more`) against the fastest-threaded
+  PyTorch worker; returns (times, worker answer, worker's quit message)."""
   threads, worker, probe = common.fastest_worker(make_worker, (1, os.cpu_count()))
   probes[name] = (threads, probe)
   try:
     times = common.time_rotating(
-      {"jax": jax_fn, "torch": worker.run}, warmup=args.warmup, repeats=repeats
+      {"jax": jax_fn, "torch": worker.run, **(more or {})}, warmup=args.warmup, repeats=repeats
     )
   finally:
     final = worker.close()
@@ -272,6 +277,20 @@ def run(args) -> dict:
       )
       return jax_out["pass"]
 
+    @jax.jit
+    def rescored_pass(st, x, m, i, kk):
+      # The pass before scoring moved into the decode loop: sample, then read the
+      # samples again teacher-forced (what beam methods still do).
+      model = nnx.merge(graphdef, st)
+      result = sampler(model, x, m, jax.vmap(lambda j: jax.random.fold_in(kk, j))(i))
+      valid = jnp.arange(t) < result.lengths[..., None]
+      out = teacher_scoring._rescore(model, pc, x, m, result.tokens, valid, i, kk)
+      return {**out, "teacher_tokens": jnp.where(valid, result.tokens, tcfg.pad_id)}
+
+    def jax_rescored():
+      jax_out["rescored"] = rescored_pass(tstate, j_inputs, j_mask, indices, key)
+      return jax_out["rescored"]
+
     pass_mem = common.compiled_memory(
       lambda st, x, m, i, kk: teacher_pass._step(graphdef, pc, sampler, st, x, m, i, kk),
       tstate,
@@ -283,7 +302,13 @@ def run(args) -> dict:
     figures["peak_mem_bytes/teacher_pass/jax"] = common.figure(pass_mem, "bytes")
     if python is not None:
       times, answer, final = _pair(
-        "teacher_pass", jax_pass, worker("teacher_pass", "greedy.npz"), args, repeats, probes
+        "teacher_pass",
+        jax_pass,
+        worker("teacher_pass", "greedy.npz"),
+        args,
+        repeats,
+        probes,
+        more={"rescored": jax_rescored},
       )
       speedup = times["torch"] / times["jax"]
       figures["teacher_pass_hf_speedup"] = common.figure(
@@ -294,6 +319,18 @@ def run(args) -> dict:
       figures["peak_mem_bytes/teacher_pass/torch_rss"] = common.figure(
         final["peak_rss_bytes"], "bytes"
       )
+      figures["teacher_pass_hf_speedup/rescored"] = common.figure(
+        times["torch"] / times["rescored"], "x"
+      )
+      figures["teacher_pass_stepwise_speedup"] = common.figure(
+        times["rescored"] / times["jax"], "x"
+      )
+      same = jax_out["pass"]["teacher_tokens"] == jax_out["rescored"]["teacher_tokens"]
+      assert bool(jnp.all(same)), "the two teacher-pass paths sampled different tokens"
+      diff = jnp.abs(
+        jax_out["pass"]["teacher_topk_logprobs"] - jax_out["rescored"]["teacher_topk_logprobs"]
+      )
+      figures["teacher_pass_stepwise_max_abs_diff"] = common.figure(float(diff.max()), "nats")
       jax_len = float(np.mean(np.asarray(jax_out["pass"]["teacher_lengths"])))
       notes.append(
         f"Teacher pass: mean sampled length {jax_len:.1f} (JAX) and {answer['length']:.1f} (HF) "
