@@ -142,7 +142,9 @@ def matmul_params(cfg) -> int:
 def _pair(name, jax_fn, make_worker, args, repeats, probes, more=None):
   """Times the JAX side (and the JAX sides in `more`) against the fastest-threaded
   PyTorch worker; returns (times, worker answer, worker's quit message)."""
-  threads, worker, probe = common.fastest_worker(make_worker, (1, os.cpu_count()))
+  threads, worker, probe = common.fastest_worker(
+    make_worker, args.torch_threads or (1, os.cpu_count())
+  )
   probes[name] = (threads, probe)
   try:
     times = common.time_rotating(
@@ -161,7 +163,11 @@ def run(args) -> dict:
   b, s, t, k = cfg["batch"], cfg["prompt"], cfg["new_tokens"], cfg["top_k"]
   figures, notes, probes, misses = {}, [], {}, []
   load_start = os.getloadavg()[0]
-  teacher, tcfg = load_gguf(smollm2_gguf())
+  try:
+    gguf = smollm2_gguf()
+  except FileNotFoundError as e:
+    return common.not_measured("real_model", str(e), write=not args.no_write)
+  teacher, tcfg = load_gguf(gguf)
   student, scfg = student_from_teacher(teacher, {"decoder_layers": list(cfg["layers"])})
   graphdef, tstate = nnx.split(teacher)
   rng = np.random.default_rng(0)
@@ -415,6 +421,13 @@ def run(args) -> dict:
 
 def _flags(parser):
   parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+  parser.add_argument(
+    "--torch-threads",
+    type=int,
+    nargs="*",
+    help="PyTorch thread counts to probe (default: 1 and all cores); on an oversubscribed "
+    "machine a many-thread probe alone can take minutes",
+  )
 
 
 if __name__ == "__main__":
