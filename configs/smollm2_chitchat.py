@@ -30,8 +30,6 @@ step cheap; the tied 49k-token embedding is frozen (it is the teacher's, and
 its gradient is a third of the head's cost).
 """
 
-import ml_collections
-
 from configs import teacher_gguf
 
 # The system turn of every prompt (teacher pass, training and evaluation alike).
@@ -84,7 +82,7 @@ def get_config(arg: str | None = None):
     section.max_target_len = p["max_target_len"]
   # Teacher replies: one nucleus sample per prompt, its top-64 log-probs kept.
   config.teacher_pass.sampler = "sample"
-  config.teacher_pass.sampler_params = ml_collections.ConfigDict({"top_p": 0.9})
+  config.teacher_pass.sampler_params.sample.top_p = 0.9
   config.teacher_pass.batch_size = p["pass_batch_size"]
   config.teacher_pass.max_examples = p["train_examples"]
   config.sampler.top_p = 0.9  # the student's online samples (js, rkl), as the teacher's
