@@ -90,7 +90,7 @@ def evaluate_section() -> ml_collections.ConfigDict:
   # with the generate sampler; or a generate JSONL (e.g. an earlier
   # teacher_samples_*.jsonl) or a teacher-pass record folder of the same split.
   e.teacher_samples = ""
-  e.repetition_n = (1, 2, 4)  # n-gram orders of the repetition rate (words)
+  e.repetition_n = (1, 2, 4)  # n-gram orders of the repetition rates (words and token ids)
   e.output_dir = ""  # metrics_*.json, examples_*.jsonl, teacher_samples_*.jsonl; "": WORKDIR
   e.predictions = ""  # score this predictions JSONL instead of a model (the split's order)
   return e

@@ -21,6 +21,9 @@ prompt):
                 repetition<n> for n in `evaluate.repetition_n` (% of a
                 reply's word n-grams that repeat an earlier one of the same
                 reply, averaged over replies with an n-gram: seq-rep-n)
+                and token_repetition<n> (the same over the reply's token
+                ids, EOS left out: it sees sub-word garbage that repeats
+                no word)
   references    bleu, bleu1/2, chrf, ter (sacrebleu) and rouge1/2/L of each
                 prompt's first reply
   synthetic     precision (% of replies that are valid outputs)
@@ -343,6 +346,16 @@ def _nll(sums, rows) -> dict:
   }
 
 
+def _reply_tokens(row) -> list:
+  """A reply's token ids without its closing EOS: what token_repetition<n> counts.
+
+  Word repetition cannot see sub-word garbage ("SovSovSov" is one word, and
+  strings of unrelated sub-words repeat no word); token ids can.
+  """
+  toks = list(row["tokens"])
+  return toks[:-1] if row["eos"] and toks else toks
+
+
 def reply_metrics(rows, prompts: Prompts, repetition_n) -> dict:
   """The metrics of generate `rows` that need no model (see the module docstring)."""
   texts = [r["completion"] for r in rows]
@@ -354,8 +367,10 @@ def reply_metrics(rows, prompts: Prompts, repetition_n) -> dict:
     "distinct1": metrics.distinct_n(texts, 1),
     "distinct2": metrics.distinct_n(texts, 2),
   }
+  token_lists = [_reply_tokens(r) for r in rows]
   for n in repetition_n:
     out[f"repetition{n}"] = metrics.repetition_rate(texts, int(n))
+    out[f"token_repetition{n}"] = metrics.repetition_rate(token_lists, int(n))
   first = {}
   for r in rows:
     first.setdefault(r["index"], r["completion"])
@@ -410,6 +425,7 @@ def run(config, workdir: str) -> dict:
       r["references"] = prompts.references[r["index"]]
     for n in e.repetition_n:
       r[f"repetition{n}"] = metrics.repetition_rate([r["completion"]], int(n))
+      r[f"token_repetition{n}"] = metrics.repetition_rate([_reply_tokens(r)], int(n))
 
   teacher, teacher_rows = None, None
   if e.teacher:

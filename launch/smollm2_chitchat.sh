@@ -70,7 +70,8 @@ done
 "$PYTHON_BIN" - "$ROOT" <<'EOF' | tee "$ROOT/results.md"
 import json, os, sys
 root = sys.argv[1]
-cols = [("repetition2", "rep-2 %"), ("repetition4", "rep-4 %"), ("eos_rate", "EOS %"),
+cols = [("repetition2", "rep-2 %"), ("repetition4", "rep-4 %"),
+        ("token_repetition2", "token rep-2 %"), ("eos_rate", "EOS %"),
         ("mean_length", "length"), ("distinct2", "distinct-2 %"),
         ("teacher_nll_token", "teacher NLL"), ("student_nll_teacher_token", "NLL of teacher replies"),
         ("rougeL", "ROUGE-L")]

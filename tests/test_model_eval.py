@@ -151,6 +151,14 @@ def test_evaluate_a_gguf_student_against_a_gguf_teacher(tmp_path, chat_models, m
   texts = [r["completion"] for r in rows]
   assert result["distinct2"] == pytest.approx(metrics.distinct_n(texts, 2))
   assert result["repetition2"] == pytest.approx(metrics.repetition_rate(texts, 2), nan_ok=True)
+  # Token repetition by hand: per reply, 1 - unique / all 2-grams of its ids, EOS left out.
+  per_reply = []
+  for r in rows:
+    toks = r["tokens"][:-1] if r["eos"] else r["tokens"]
+    grams = list(zip(toks, toks[1:]))
+    if grams:
+      per_reply.append(1 - len(set(grams)) / len(grams))
+  assert result["token_repetition2"] == pytest.approx(100 * np.mean(per_reply), nan_ok=True)
   assert [r["references"] for r in rows] == [[REFERENCES[r["index"]]] for r in rows]
 
   # The teacher's replies, given back, score a student without sampling the teacher;
