@@ -30,6 +30,7 @@ BENCHMARKS = (
   ("train", ("fdistill_jax.train", "fdistill_jax.objectives"), "distill-step tokens/s"),
   ("mfu", ("fdistill_jax.train",), "student train-step model FLOP utilisation"),
   ("speculative", ("fdistill_jax.speculative",), "distilled students as speculative drafts"),
+  ("real_model", ("fdistill_jax.teacher_scoring",), "SmolLM2-135M vs HF / PyTorch and the roof"),
 )
 
 

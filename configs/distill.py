@@ -4,7 +4,9 @@
     --config.teacher.checkpoint=/tmp/run/teacher/checkpoints --mode=distill
 
 The argument picks the objective: kl, rkl, js, tvd, fdiv, seqkd, engine, mle,
-kd, predistill (`fdistill_jax.objectives.OBJECTIVES`). Objectives that read
+kd, predistill (`fdistill_jax.objectives.OBJECTIVES`), or a schedule of them
+(`configs/distill.py:kl:0.5,tvd`: KL for the first half of the steps, then
+TVD; `fdistill_jax.objective_schedule`). Objectives that read
 teacher sequences (kl, js, tvd, fdiv, seqkd) read the teacher pass's records
 (`teacher_pass.out_dir`, default WORKDIR/teacher_records/SPLIT); the others
 read the task's ground truth. The defaults are the original scripts' (Adam
@@ -16,7 +18,7 @@ import ml_collections
 
 from configs import tasks
 from configs import teacher_pass as teacher_pass_configs
-from fdistill_jax import objectives
+from fdistill_jax import objective_schedule, objectives
 from fdistill_jax.models import presets
 
 
@@ -38,6 +40,7 @@ def objective_config(name: str = "js") -> ml_collections.ConfigDict:
   c.alpha_hid = 3.0  # predistill: hidden-state MSE weight
   c.normalize_hidden = False  # predistill: layer-normalise hidden states before the MSE
   c.layer_map = ()  # predistill: teacher layer per student layer; () spreads them evenly
+  c.schedule = ""  # objectives over training, e.g. "kl:0.5,tvd" (KL to 50% of the steps, then TVD)
   return c
 
 
@@ -107,10 +110,12 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None):
-  name = arg or "js"
+  # The argument: an objective, or a schedule of them ("kl:0.5,tvd").
+  name, schedule = objective_schedule.split_spec(arg or "js")
   config = ml_collections.ConfigDict()
   config.task = tasks.task_config("synthetic")
   config.objective = objective_config(name)
+  config.objective.schedule = schedule
   config.train = train_config()
   config.sampler = sampler_config()
   config.mesh = mesh_config()

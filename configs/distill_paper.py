@@ -127,5 +127,5 @@ def get_config(arg: str | None = None):
       max_target_len=s["max_target_len"],
     )
   )
-  config.teacher_pass.sampler_params.num_beams = 6 if setting != "wmt16_en_ro" else 5
+  config.teacher_pass.sampler_params.beam_search.num_beams = 6 if setting != "wmt16_en_ro" else 5
   return config

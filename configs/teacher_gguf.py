@@ -13,8 +13,10 @@ for DialoGPT, [0, 8, 16, 23] of 24, scaled to SmolLM2's depth).
   # any other LLaMA-family GGUF:  --config=configs/teacher_gguf.py:/models/model.Q8_0.gguf
 
 Hardware and time: meant for an accelerator (a 135M-parameter teacher); on a
-2-core CPU the teacher pass alone takes hours. Reading the GGUF header to
-size the models takes a few seconds each time the config is built.
+2-core CPU the teacher pass alone takes hours. Building the config reads
+only the GGUF header (about 1 s; docs/loading.md). Own data:
+`--config.task.kind=jsonl --config.task.files.train=PATH` (the ChatML
+template and the GGUF's tokenizer stay).
 """
 
 import dataclasses

@@ -51,10 +51,9 @@ def get_config(arg: str | None = None):
   )
   teacher = convert.pretrained_config(config.teacher.pretrained)
   config.teacher.model = model_section(teacher)
-  files = ml_collections.ConfigDict(dict(train="", validation="", test=""))
-  # None (a folder without tokenizer files): set --config.task.tokenizer.
+  # None (a folder without tokenizer files): set --config.task.tokenizer.{kind,path}.
   tokenizer = convert.tokenizer_spec(config.teacher.pretrained, missing_ok=True)
-  config.task = tasks.task_config("jsonl", files=files, tokenizer=tokenizer)
+  config.task = tasks.task_config("jsonl", tokenizer=tokenizer)
   # Teacher layers the student starts from (convert.student_from_teacher); the
   # student's depths are their counts, everything else is the teacher's.
   config.student.init = ml_collections.ConfigDict(student_layers(teacher))

@@ -5,6 +5,10 @@
     --mode=teacher_pass
   python -m fdistill_jax.main --config=configs/teacher_pass.py ... --mode=inspect
 
+The method is `teacher_pass.sampler`, its parameters the block of that name:
+`--config.teacher_pass.sampler=sample --config.teacher_pass.sampler_params.sample.top_p=0.9`
+(the beam blocks' `num_beams` stays where it is and is not passed).
+
 Records go to `teacher_pass.out_dir`, by default `WORKDIR/teacher_records/SPLIT`
 (`fdistill_jax.records.records_dir`). A killed pass is restarted with the same
 command and finishes with exactly the records of an uninterrupted one.
@@ -19,14 +23,35 @@ from configs import tasks
 from fdistill_jax.models import presets
 
 
+def sampler_params_config() -> ml_collections.ConfigDict:
+  """`teacher_pass.sampler_params`: `sampler_params.METHOD.PARAM` for every decoding method."""
+  p = ml_collections.ConfigDict()
+  p.greedy = ml_collections.ConfigDict()  # no parameters
+  p.sample = ml_collections.ConfigDict()
+  p.sample.temperature = 1.0  # softmax temperature
+  p.sample.top_k = 0  # keep the k most likely tokens (0: off)
+  p.sample.top_p = 1.0  # nucleus filter (1: off)
+  p.beam_search = ml_collections.ConfigDict()
+  p.beam_search.num_beams = 4  # beams (the paper's teacher pass: 4-6)
+  p.beam_search.length_penalty = 1.0  # score / length ** length_penalty
+  p.beam_sample = ml_collections.ConfigDict()
+  p.beam_sample.num_beams = 4  # beams
+  p.beam_sample.length_penalty = 1.0  # score / length ** length_penalty
+  p.beam_sample.temperature = 1.0  # softmax temperature
+  p.beam_sample.top_k = 0  # keep the k most likely tokens (0: off)
+  return p
+
+
 def teacher_pass_config(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.split = "train"  # task split to run the teacher over
   c.max_examples = 0  # 0: the whole split; otherwise its first max_examples inputs
   c.num_samples = 1  # N teacher sequences per input
   c.sampler = "beam_search"  # decoding method (fdistill_jax.decoding); the paper: beam search
-  # Method parameters, e.g. num_beams, temperature, top_k, top_p, length_penalty.
-  c.sampler_params = ml_collections.ConfigDict({"num_beams": 4})
+  # One block of parameters per method; only `sampler`'s block is used, so switching
+  # methods never carries another's parameters over (values at their neutral setting,
+  # as in config.sampler, are not passed).
+  c.sampler_params = sampler_params_config()
   c.top_k = 64  # teacher log-probs kept per position (K); 0 with cache_form "sampled"
   # Teacher cache (docs/teacher-cache.md): "topk" (top-k + tail mass, a lower bound),
   # "sampled" (S tail draws, unbiased) or "topk+sampled" (exact top-k, sampled tail).

@@ -7,6 +7,9 @@ found. A run with nothing to train (`train.num_train_steps = 0`, or a
 pipeline stage of 0 steps) is refused: it would save its initialisation as
 a final checkpoint that later stages take for a trained model.
 
+`check_inputs(config, mode)` (the command line, after `check`) refuses a
+teacher-pass sampler or a task that cannot work before any model loads.
+
 `explain_unknown_override(argv)` turns ml_collections' bare
 `AttributeError: 'nope'` for `--config.train.nope=1` into the key's full
 name and the keys its section does have.
@@ -20,6 +23,9 @@ import os
 import re
 
 import jax
+
+from fdistill_jax import teacher_pass
+from fdistill_jax.data import tasks
 
 
 class ConfigError(ValueError):
@@ -147,12 +153,31 @@ def check_batch_split(config) -> None:
     )
 
 
+# Modes that run the teacher pass: its sampler is checked before anything else runs.
+TEACHER_PASS_MODES = ("teacher_pass", "pipeline")
+
+
 def check(config, mode: str) -> None:
   """Every value check of `mode`'s sections; raises `ConfigError` naming the key."""
   sections = MODE_SECTIONS.get(mode, tuple(RULES))
   check_ranges(config, sections)
   if "train" in sections:
     check_batch_split(config)
+
+
+def check_inputs(config, mode: str) -> None:
+  """What a command will run with: the teacher pass's sampler, the task's files.
+
+  The sampler's method and parameters (and the cache form) of modes that
+  run the teacher pass, and the task's kind, split files and tokenizer
+  (ValueError / FileNotFoundError naming the key): the command line checks
+  them first, so that they fail before any model loads or trains. Library
+  configs may leave files to be set later; `check` does not need them.
+  """
+  if mode in TEACHER_PASS_MODES and "teacher_pass" in config:
+    teacher_pass.PassConfig.from_config(config.teacher_pass)
+  if "task" in config:
+    tasks.check_config(config.task)
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,13 @@ counted in the length. `token_logprobs` are log-probs under the model's own
 distribution at temperature 1 (before temperature, top-k or top-p), which is
 what scoring and Monte Carlo divergence estimates need.
 
+Greedy and ancestral sampling also take `per_step(logp [R, V]) -> pytree of
+[R, ...]`, a function of each step's temperature-1 log-probs; with it they
+return `(DecodeResult, outputs)`, the outputs stacked to `[B, n, T, ...]`
+(zero after a row's EOS): what the teacher pass stores at every position (top-k, tail
+mass) comes out of the decode loop's own logits, so the sampled sequences
+need not be read again teacher-forced.
+
 Methods: "greedy"; "sample" (ancestral, with temperature, top_k, top_p);
 "beam_search" (length penalty as Hugging Face: sum log-prob / length**alpha);
 "beam_sample" (stochastic beam search as Hugging Face's beam_sample, which
@@ -94,6 +101,7 @@ class _SampleLoop(NamedTuple):
   tokens: Array  # [R, T]
   logprobs: Array  # [R, T]
   lengths: Array  # [R]
+  per_step: object  # leaves [R, T, ...]; None without a per_step function
 
 
 def sample(
@@ -110,8 +118,11 @@ def sample(
   temperature: float = 1.0,
   top_k: int = 0,
   top_p: float = 1.0,
-) -> DecodeResult:
-  """Greedy (`greedy=True`) or ancestral sampling; `num_samples` per input."""
+  per_step: Callable | None = None,
+):
+  """Greedy (`greedy=True`) or ancestral sampling; `num_samples` per input.
+  Returns a DecodeResult, or `(DecodeResult, outputs)` with `per_step` (see the
+  module docstring)."""
   batch = start_tokens.shape[0]
   n = num_samples
   rows = batch * n
@@ -119,6 +130,15 @@ def sample(
   # Row r = b * n + j: key of sample j of input b.
   row_keys = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(n)))(keys)
   row_keys = row_keys.reshape((rows,) + row_keys.shape[2:])
+  extras = None
+  if per_step is not None:
+    first = jnp.repeat(start_tokens.astype(jnp.int32), n)
+    logits_shape, _ = jax.eval_shape(tokens_to_logits, state, first)
+    logp_shape = jax.ShapeDtypeStruct((rows, logits_shape.shape[-1]), jnp.float32)
+    extras = jax.tree.map(
+      lambda x: jnp.zeros((rows, max_len, *x.shape[1:]), x.dtype),
+      jax.eval_shape(per_step, logp_shape),
+    )
   init = _SampleLoop(
     step=jnp.array(0, jnp.int32),
     state=state,
@@ -127,10 +147,21 @@ def sample(
     tokens=jnp.full((rows, max_len), pad_id, jnp.int32),
     logprobs=jnp.zeros((rows, max_len), jnp.float32),
     lengths=jnp.zeros((rows,), jnp.int32),
+    per_step=extras,
   )
 
   def cond(c):
     return (c.step < max_len) & ~jnp.all(c.done)
+
+  def record(c, logp):
+    if per_step is None:
+      return None
+
+    def put(buffer, value):
+      done = c.done.reshape((rows,) + (1,) * (value.ndim - 1))
+      return buffer.at[:, c.step].set(jnp.where(done, jnp.zeros_like(value), value))
+
+    return jax.tree.map(put, c.per_step, per_step(logp))
 
   def body(c):
     logits, new_state = tokens_to_logits(c.state, c.last)
@@ -152,14 +183,18 @@ def sample(
       tokens=c.tokens.at[:, c.step].set(token),
       logprobs=c.logprobs.at[:, c.step].set(token_lp),
       lengths=c.lengths + (~c.done).astype(jnp.int32),
+      per_step=record(c, logp),
     )
 
   out = jax.lax.while_loop(cond, body, init)
-  return DecodeResult(
+  result = DecodeResult(
     out.tokens.reshape(batch, n, max_len),
     out.logprobs.reshape(batch, n, max_len),
     out.lengths.reshape(batch, n),
   )
+  if per_step is None:
+    return result
+  return result, jax.tree.map(lambda x: x.reshape(batch, n, *x.shape[1:]), out.per_step)
 
 
 class _BeamLoop(NamedTuple):
@@ -301,10 +336,11 @@ def decode(
   eos_id: int,
   pad_id: int,
   num_samples: int = 1,
+  per_step: Callable | None = None,
   **params,
-) -> DecodeResult:
+):
   """One front door for every method (params: temperature, top_k, top_p, num_beams,
-  length_penalty, as each method takes them)."""
+  length_penalty, as each method takes them; `per_step`: greedy and sample only)."""
   common = dict(max_len=max_len, eos_id=eos_id, pad_id=pad_id, num_samples=num_samples)
   if method not in _ALLOWED:
     raise ValueError(f"unknown decoding method {method!r}; expected one of {METHODS}")
@@ -316,9 +352,19 @@ def decode(
   if method in ("greedy", "sample"):
     if keys is None:
       keys = jnp.zeros((start_tokens.shape[0], 2), jnp.uint32)
+    greedy = method == "greedy"
     return sample(
-      tokens_to_logits, state, start_tokens, keys, greedy=method == "greedy", **common, **params
+      tokens_to_logits,
+      state,
+      start_tokens,
+      keys,
+      greedy=greedy,
+      per_step=per_step,
+      **common,
+      **params,
     )
+  if per_step is not None:
+    raise ValueError(f"per_step outputs are for greedy and sample, not {method!r}")
   if method == "beam_sample":
     params.setdefault("num_beams", 4)
     return beam_search(
@@ -332,6 +378,7 @@ class ModelSampler:
   """A sampler over a `fdistill_jax.models` model, in the form the trainer and teacher pass use:
 
       sampler(model, inputs [B, S], input_mask [B, S], keys [B]) -> DecodeResult
+      sampler(..., per_step=f) -> (DecodeResult, f's outputs [B, n, T, ...])  (greedy, sample)
 
   Traceable (call it inside `jax.jit`). Frozen and compared by value, so it is
   a stable static argument: equal settings reuse a compiled step.
@@ -342,7 +389,7 @@ class ModelSampler:
   max_len: int
   settings: tuple = ()  # sorted (name, value) pairs passed to `decode`
 
-  def __call__(self, model, inputs, input_mask, keys) -> DecodeResult:
+  def __call__(self, model, inputs, input_mask, keys, per_step=None):
     from fdistill_jax import models
 
     state = models.init_decode_state(model, inputs, input_mask, self.max_len)
@@ -357,6 +404,7 @@ class ModelSampler:
       eos_id=model.config.eos_id,
       pad_id=model.config.pad_id,
       num_samples=self.num_samples,
+      per_step=per_step,
       **dict(self.settings),
     )
 
@@ -377,7 +425,8 @@ def make_model_sampler(method: str, *, num_samples: int = 1, max_len: int, **par
 # Samplers.
 # ---------------------------------------------------------------------------
 
-_NEUTRAL_SAMPLER_PARAMS = {
+# Values that mean "off" or "the method's default": never passed to a method.
+NEUTRAL_SAMPLER_PARAMS = {
   "temperature": 1.0,
   "top_k": 0,
   "top_p": 1.0,
@@ -390,9 +439,29 @@ def sampler_params(sampler_cfg) -> dict:
   """The `config.sampler` parameters that differ from their neutral value."""
   return {
     k: sampler_cfg[k]
-    for k, neutral in _NEUTRAL_SAMPLER_PARAMS.items()
+    for k, neutral in NEUTRAL_SAMPLER_PARAMS.items()
     if k in sampler_cfg and sampler_cfg[k] != neutral
   }
+
+
+def method_params(method: str, blocks, where: str) -> tuple:
+  """The sorted `(name, value)` pairs of `method`'s block in `blocks` (method -> {param: value}).
+
+  Only the chosen method's block is read, so switching methods drops the
+  others' parameters; values at their neutral setting are left out, as
+  `sampler_params` does, so the method's defaults hold. Names a method
+  does not take are kept, for `make_model_sampler` to refuse.
+  """
+  blocks = blocks.to_dict() if hasattr(blocks, "to_dict") else dict(blocks or {})
+  flat = sorted(k for k in blocks if k not in METHODS)
+  if flat:
+    raise ValueError(
+      f"{where}: expected one block per decoding method {list(METHODS)} "
+      f"(e.g. {where}.{method}.PARAM), found the keys {flat}"
+    )
+  block = dict(blocks.get(method) or {})
+  neutral = NEUTRAL_SAMPLER_PARAMS
+  return tuple(sorted((k, v) for k, v in block.items() if k not in neutral or v != neutral[k]))
 
 
 def default_sampler(mode: str, sampler_cfg, max_len: int):

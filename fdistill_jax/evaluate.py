@@ -20,9 +20,9 @@ how models, checkpoints and samplers are wired:
   averaged over the positions of the teacher's and of the student's samples.
 
 `evaluate_model(...)` returns a flat dict of floats (see metrics.py for
-scales) plus sacrebleu signatures; `run(config, workdir)` evaluates a
-predictions file (the `--mode=evaluate` entry point; model decoding is wired
-by the pipeline).
+scales) plus sacrebleu signatures (model decoding is wired by the pipeline).
+`run(config, workdir)`, the `--mode=evaluate` entry point, evaluates a
+predictions file, or a model through `model_eval`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import os
 
 import numpy as np
 
-from fdistill_jax import metrics
-from fdistill_jax.data import pipeline
+from fdistill_jax import metrics, model_eval
+from fdistill_jax.data import pipeline, tasks
 
 log = logging.getLogger(__name__)
 
@@ -275,16 +275,18 @@ def evaluate_texts(task, split: str, predictions) -> dict:
 
 
 def run(config, workdir: str):
-  """`--mode=evaluate`: metrics of a predictions file, written to the workdir.
+  """`--mode=evaluate`: metrics of a model (`model_eval.run`) or of a predictions file.
 
-  Reads `config.evaluate.predictions` (a JSONL file of `{"outputs": [str, ...]}`
-  or `{"output": str}` per example, in the split's order; default
-  `<workdir>/predictions_<split>.jsonl`) for `config.evaluate.split`
-  (default `test`) of `config.task`, and writes `metrics_<split>.json`.
+  A config with a `generate` section (configs/generate.py) evaluates its
+  model, unless `config.evaluate.predictions` names a file. A predictions
+  file (a JSONL file of `{"outputs": [str, ...]}` or `{"output": str}` per
+  example, in the split's order; default `<workdir>/predictions_<split>.jsonl`)
+  is scored on `config.evaluate.split` (default `test`) of `config.task`, and
+  `metrics_<split>.json` is written to the workdir.
   """
-  from fdistill_jax.data.tasks import get_task
-
   ev = config.get("evaluate", None) or {}
+  if "generate" in config and not ev.get("predictions", None):
+    return model_eval.run(config, workdir)
   split = ev.get("split", "test") or "test"
   path = ev.get("predictions", None) or os.path.join(workdir, f"predictions_{split}.jsonl")
   if not os.path.isfile(path):
@@ -294,7 +296,7 @@ def run(config, workdir: str):
   with open(path, encoding="utf-8") as f:
     rows = [json.loads(line) for line in f if line.strip()]
   preds = [r["outputs"] if "outputs" in r else r["output"] for r in rows]
-  result = evaluate_texts(get_task(config.task), split, preds)
+  result = evaluate_texts(tasks.get_task(config.task), split, preds)
   os.makedirs(workdir, exist_ok=True)
   out_path = os.path.join(workdir, f"metrics_{split}.json")
   with open(out_path, "w") as f:

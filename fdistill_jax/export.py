@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import time
 
-from absl import logging
-
 from fdistill_jax import convert
 from fdistill_jax.convert import gguf_export, hf_export
 from fdistill_jax.generate import check_template, load_usable_model
@@ -39,14 +37,12 @@ def _size(path: str) -> int:
 def run(config, workdir: str):
   """`--mode=export`; returns {"output": path, "format", "dtype", "bytes", "wall_s"}."""
   start = time.time()
-  if logging.get_verbosity() == logging.INFO:
-    logging.set_verbosity(logging.WARNING)
   e = config.export
   _check(e)
   check_template(config.generate, config.generate.model != "pretrained")
   if e.tokenizer and config.generate.model != "pretrained":
     spec = config.task.get("tokenizer")
-    kind = spec.get("kind") if spec else None
+    kind = (spec.get("kind") if spec else None) or None  # "": no tokenizer set
     if kind not in ("gguf", "hf", "sentencepiece"):
       raise ValueError(
         f"export.tokenizer=True, but task.tokenizer is {kind!r}: only gguf, hf and "
@@ -69,9 +65,4 @@ def run(config, workdir: str):
     "bytes": _size(output),
     "wall_s": time.time() - start,
   }
-  print(
-    f"export: {usable.source} -> {output} ({e.format}, {summary['dtype']}, "
-    f"{summary['bytes'] / 1e6:.1f} MB); {summary['wall_s']:.1f} s",
-    flush=True,
-  )
   return summary

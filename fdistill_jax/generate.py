@@ -28,7 +28,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from fdistill_jax import checkpoints, convert, decoding
@@ -64,7 +63,8 @@ def _has_chatml(tok: Tokenizer) -> bool:
   """Whether ChatML's markers are single tokens of the vocabulary."""
   for marker in ("<|im_start|>", "<|im_end|>"):
     ids = tok.encode(marker)
-    if len(ids) != 1 or tok.decode_all(ids) != marker:
+    # Text around the marker: decode_all strips pad at either end, and pad is EOS in SmolLM2.
+    if len(ids) != 1 or tok.decode_all(tok.encode(f"a{marker}a")) != f"a{marker}a":
       return False
   return True
 
@@ -267,13 +267,6 @@ def _summary(rows: list[dict], output: str, seconds: float, source: str) -> dict
     "output": output,
     "wall_s": seconds,
   }
-  print(
-    f"generate: {summary['prompts']} prompts, {summary['completions']} completions from "
-    f"{source} -> {output}\n  mean length {summary['mean_length']:.1f} tokens, EOS rate "
-    f"{summary['eos_rate']:.0f}%, mean log-prob {summary['mean_logprob']:.2f}; "
-    f"{seconds:.1f} s",
-    flush=True,
-  )
   return summary
 
 
@@ -305,8 +298,6 @@ def _interactive(generator: Generator, output: str):
 def run(config, workdir: str):
   """`--mode=generate` (see the module docstring); returns the summary dict."""
   start = time.time()
-  if logging.get_verbosity() == logging.INFO:
-    logging.set_verbosity(logging.WARNING)
   g = config.generate
   sampler = make_sampler(g)
   check_template(g, g.model != "pretrained")

@@ -6,8 +6,11 @@ live here: they build models, data and evaluation from the config and call
 so that a mode's heavy dependencies load only when needed.
 
 From `config.objective` to the loss: `run_distill` -> `train.train_loop`
-(`objectives.plan_from_config`) -> `train_step.make_train_step(plan)` ->
+(`objective_schedule.from_config`: one plan per phase) -> `train_step.make_train_step(plan)` ->
 `objectives.compute_loss` / `objectives.fused_loss` (docs/internals.md).
+
+Library logs stay at WARNING unless `--verbose`; every mode ends with a
+short summary (`fdistill_jax.run_summary`).
 
 Exit codes (docs/failure-modes.md): 0 done, 1 error, 3 diverged (non-finite
 training), 4 workdir of another run identity, 5 workdir in use by another
@@ -18,7 +21,16 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
+
+# TensorFlow logs C++ INFO lines (oneDNN) as it loads, which the imports
+# below do before any flag is parsed: off on the command line unless
+# --verbose; a TF_CPP_MIN_LOG_LEVEL the user set is kept.
+if __name__ == "__main__" and not {"--verbose", "--verbose=true", "--verbose=1"} & {
+  a.lower() for a in sys.argv[1:]
+}:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +44,10 @@ from fdistill_jax import (
   convert,
   distributed,
   models,
-  objectives,
+  objective_schedule,
   record_checks,
   records,
+  run_summary,
   runguard,
   sharding,
   teacher_pass,
@@ -62,13 +75,14 @@ MODES = {
 # ---------------------------------------------------------------------------
 
 
-def check_config(config, student_cfg, teacher_cfg=None) -> objectives.StepPlan:
-  """The plan of `config`; raises a clear ValueError for settings that cannot work.
+def check_config(config, student_cfg, teacher_cfg=None) -> objective_schedule.Schedule:
+  """The schedule (plan per phase) of `config`; raises a clear ValueError for settings
+  that cannot work.
 
   Runs before anything compiles.
   """
   config_checks.check(config, "distill")
-  plan = objectives.plan_from_config(config)
+  schedule = objective_schedule.from_config(config)
   tc = config.train
   for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
     if cfg is None:
@@ -91,11 +105,11 @@ def check_config(config, student_cfg, teacher_cfg=None) -> objectives.StepPlan:
       f"teacher vocab_size {teacher_cfg.vocab_size} != student vocab_size "
       f"{student_cfg.vocab_size}: distillation needs one vocabulary"
     )
-  if plan.decoding == "sampler":
+  if any(plan.decoding == "sampler" for plan in schedule.plans):
     if config.sampler.num_samples < 1:
       raise ValueError(f"sampler.num_samples must be >= 1, found {config.sampler.num_samples}")
     default_sampler("sampler", config.sampler, tc.max_target_len)  # raises for bad settings
-  return plan
+  return schedule
 
 
 def nll_eval_fn(config, task, split: str = "validation"):
@@ -153,20 +167,21 @@ def run_distill(config, workdir: str):
   Raises `runguard.Preempted` when SIGTERM stopped it (the checkpoint is saved).
   """
   student_cfg = models.ModelConfig.from_config(config.student.model)
-  plan = objectives.plan_from_config(config)
+  # Every phase of a schedule reads the same stream: what any of them needs.
+  needs = objective_schedule.from_config(config)
   task = tasks.get_task(config.task)
   # The records are checked here, before any model is loaded or compiled.
-  if plan.batch_keys:
+  if needs.batch_keys:
     data_fn = reader.records_data_fn(
-      config, workdir, plan.use_topk, student_cfg.vocab_size, task.tokenizer.fingerprint()
+      config, workdir, needs.use_topk, student_cfg.vocab_size, task.tokenizer.fingerprint()
     )
   else:
     data_fn = pipeline.ground_truth_data_fn(config, task, "train")
   teacher = None
-  if plan.teacher_model:
+  if needs.teacher_model:
     check_config(config, student_cfg, models.ModelConfig.from_config(config.teacher.model))
     teacher = _load(config.teacher, config.teacher.checkpoint)
-    if "teacher" in plan.sources and not plan.online_teacher:
+    if needs.reads_teacher_records:
       # The records' teacher must be the one loaded.
       fingerprint = teacher_pass.params_fingerprint(teacher)
       record_checks.check_teacher(records.records_dir(config, workdir), fingerprint)
@@ -202,10 +217,10 @@ def run_teacher(config, workdir: str):
   names later. Raises `runguard.Preempted` when SIGTERM stopped it.
   """
   model_cfg = models.ModelConfig.from_config(config.model)
-  plan = check_config(config, model_cfg)
-  if not plan.ground_truth_only:
+  schedule = check_config(config, model_cfg)
+  if not all(plan.ground_truth_only for plan in schedule.plans):
     raise ValueError(
-      f"train_teacher trains by MLE on the ground truth (objective 'mle'), found {plan.name!r}"
+      f"train_teacher trains by MLE on the ground truth (objective 'mle'), found {schedule.name!r}"
     )
   model = models.build_model(model_cfg, rngs=config.train.seed)
   task = tasks.get_task(config.task)
@@ -254,6 +269,9 @@ def _define_flags() -> dict:
     ),
     workdir=flags.DEFINE_string("workdir", None, "Directory for checkpoints, records and results."),
     mode=flags.DEFINE_enum("mode", "pipeline", list(MODES), "What to run."),
+    verbose=flags.DEFINE_bool(
+      "verbose", False, "Show the libraries' INFO logs (absl, Orbax, JAX, TensorFlow)."
+    ),
   )
 
 
@@ -262,6 +280,7 @@ def main(argv, flag_values: dict):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if flag_values["workdir"].value is None:
     raise app.UsageError("--workdir is required")
+  run_summary.quiet_library_logs(flag_values["verbose"].value)  # before TensorFlow logs
   config = flag_values["config"].value
   if config is None:
     from configs import default  # the configs/ folder is not part of the installed library
@@ -270,9 +289,11 @@ def main(argv, flag_values: dict):
   # Before anything touches a device: multi-process runs join their peers here.
   distributed.initialize(config)
   config_checks.check(config, flag_values["mode"].value)  # counts devices: after initialize
+  config_checks.check_inputs(config, flag_values["mode"].value)  # before any model loads
   distributed.install_log_filter()
   mode, workdir = flag_values["mode"].value, flag_values["workdir"].value
-  sys.exit(runguard.run_mode(_resolve(mode), config, workdir))
+  # Every mode ends with the same summary: what it wrote where, final metrics, wall time.
+  sys.exit(runguard.run_mode(run_summary.reported(mode, _resolve(mode)), config, workdir))
 
 
 if __name__ == "__main__":

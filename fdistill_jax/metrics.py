@@ -2,7 +2,8 @@
 
 Quality: BLEU (and BLEU-1/2), chrF, TER with sacrebleu (corpus level, 13a,
 signatures recorded), ROUGE-1/2/L with rouge-score (stemming, mean F1).
-Diversity: distinct-n and TeacherDist (paper §3.2). Risks (paper §3.2):
+Diversity: distinct-n, TeacherDist (paper §3.2) and the repetition rate
+within a reply (seq-rep-n). Risks (paper §3.2):
 likelihood risk (student samples scored by the teacher) and coverage risk
 (teacher samples scored by the student), per token and per sequence. On the
 synthetic task, whose true distribution p* is known: precision, mode coverage
@@ -12,8 +13,8 @@ Drafts: a student used as the draft of speculative sampling has, at each
 position, acceptance probability 1 - TVD(p_teacher, q_student) (Leviathan et
 al. 2023), and the expected tokens per verification step follow from it.
 
-Scales: BLEU/chrF/TER/ROUGE, distinct-n, TeacherDist, precision and coverage
-are percentages (0-100); NLLs, KL and RKL are in nats; acceptance rates are
+Scales: BLEU/chrF/TER/ROUGE, distinct-n, repetition, TeacherDist, precision
+and coverage are percentages (0-100); NLLs, KL and RKL are in nats; acceptance rates are
 fractions (0-1).
 
 Training metrics are `(sum, count)` pairs (t5x style: accumulation over
@@ -109,6 +110,23 @@ def distinct_n(seqs, n: int) -> float:
   for s in seqs:
     grams += _ngrams(s.split() if isinstance(s, str) else s, n)
   return 100.0 * len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(seqs, n: int) -> float:
+  """Repetition rate x 100: the share of a reply's n-grams that repeat an earlier one of it.
+
+  Per sequence, 1 - unique n-grams / n-grams (Welleck et al. 2020's seq-rep-n),
+  then the mean over the sequences that have at least one n-gram. "a a a"
+  has 1-grams (a, a, a): 2 of 3 repeat, 66.7; "a b a b" has 2-grams (ab, ba,
+  ab): 33.3. `seqs` are token lists or strings (split on whitespace). Returns
+  nan when no sequence has an n-gram (all shorter than n).
+  """
+  rates = []
+  for s in seqs:
+    grams = _ngrams(s.split() if isinstance(s, str) else s, n)
+    if grams:
+      rates.append(1.0 - len(set(grams)) / len(grams))
+  return 100.0 * float(np.mean(rates)) if rates else float("nan")
 
 
 def teacher_dist(samples_per_input, n: int = 2) -> float:

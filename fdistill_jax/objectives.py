@@ -216,8 +216,13 @@ class ObjectiveConfig:
   alpha_hid: float = 3.0  # predistill: hidden-state MSE weight
   normalize_hidden: bool = False  # predistill: layer-normalise hidden states before the MSE
   layer_map: tuple = ()  # predistill: teacher layer for each student layer; () = spread evenly
+  schedule: str = ""  # phases such as "kl:0.5,tvd" (`objective_schedule`); "" = `name` throughout
 
   def __post_init__(self):
+    if not isinstance(self.schedule, str):
+      raise ValueError(
+        f"objective.schedule: expected a string like 'kl:0.5,tvd', found {self.schedule!r}"
+      )
     if self.name not in OBJECTIVES:
       raise ValueError(f"objective.name: expected one of {sorted(OBJECTIVES)}, found {self.name!r}")
     kinds = {t.kind for t in OBJECTIVES[self.name].terms}

@@ -12,6 +12,7 @@ Layout of the workdir:
   teacher/                 teacher training (checkpoints, metrics.jsonl)
   teacher_records/train/   the teacher pass's TFRecord shards + manifest.json
   students/init/           the shared initial student
+  students/ceiling/        the student trained like the teacher (pipeline.ceiling_steps > 0)
   students/<name>/seed<k>/ one training run per method and seed
   eval/<name>/seed<k>.json metrics of every model on the test split, per seed
   results.md, results.json, frontier.png, training_curves.png
@@ -44,7 +45,7 @@ from fdistill_jax import (
   evidence,
   main,
   models,
-  objectives,
+  objective_schedule,
   records,
   report,
   runguard,
@@ -52,7 +53,8 @@ from fdistill_jax import (
 )
 from fdistill_jax.data import tasks
 
-# Persistent XLA cache of the main job (outside the workdir: it is no result).
+# Persistent XLA cache of the main job (outside the workdir: it is no result),
+# unless JAX_COMPILATION_CACHE_DIR (or jax_compilation_cache_dir) names another.
 COMPILATION_CACHE = os.path.expanduser("~/.cache/fdistill_jax/jax_cache")
 
 
@@ -72,6 +74,7 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   cfg.model = config.teacher.model
   cfg.objective = copy.deepcopy(config.objective)
   cfg.objective.name = "mle"
+  cfg.objective.schedule = ""
   cfg.train = copy.deepcopy(config.train)
   cfg.train.num_train_steps = p.teacher_steps
   cfg.train.batch_size = p.teacher_batch_size
@@ -79,6 +82,15 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   cfg.sampler = config.sampler
   cfg.mesh = config.mesh
   return copy.deepcopy(cfg)
+
+
+def ceiling_config(config) -> ml_collections.ConfigDict:
+  """The student ceiling: the student architecture trained like the teacher (MLE on
+  the ground truth from scratch, teacher batch and learning rate) for `pipeline.ceiling_steps`."""
+  cfg = teacher_config(config)
+  cfg.model = copy.deepcopy(config.student.model)
+  cfg.train.num_train_steps = config.pipeline.ceiling_steps
+  return cfg
 
 
 def variants(p) -> dict[str, tuple[str, dict]]:
@@ -103,9 +115,13 @@ def student_config(
   seed: int = 0,
   overrides: dict | None = None,
 ):
+  """The distill config of one student; `objective` may be a schedule ("kl:0.5,tvd").
+
+  `overrides`: `{"section.field": value}` set after the objective (see `variants`).
+  """
   p = config.pipeline
   cfg = _sub(config)
-  cfg.objective.name = objective
+  cfg.objective.name, cfg.objective.schedule = objective_schedule.split_spec(objective)
   cfg.train.seed = seed
   for key, value in (overrides or {}).items():
     section, field = key.split(".")
@@ -300,23 +316,18 @@ def read_eval(path: str, key: dict) -> dict | None:
 def run(config, workdir: str):
   """Runs every stage (skipping finished ones) and writes the report into `workdir`."""
   p = config.pipeline
-  if logging.get_verbosity() == logging.INFO:
-    # Orbax and tf.data log every checkpoint and pipeline at INFO: keep the
-    # stage lines and progress bars readable (--verbosity=1 shows everything).
-    logging.set_verbosity(logging.WARNING)
+  # Objectives or schedules of them ("kl:0.5,tvd"), checked before the teacher trains.
+  objective_schedule.parse(p.init_objective, p.init_steps, where="config.pipeline.init_objective")
   for field in ("methods", "online_methods"):
-    unknown = set(p[field]) - set(objectives.OBJECTIVES)
-    if unknown:
-      raise ValueError(
-        f"pipeline.{field}: expected objectives from {sorted(objectives.OBJECTIVES)}; "
-        f"found unknown {sorted(unknown)}"
-      )
+    for method in p[field]:
+      objective_schedule.parse(method, p.distill_steps, where=f"config.pipeline.{field}")
   if not p.seeds or len(set(p.seeds)) != len(p.seeds):
-    raise ValueError(f"pipeline.seeds: expected distinct seeds, found {tuple(p.seeds)}")
+    raise ValueError(f"config.pipeline.seeds: expected distinct seeds, found {tuple(p.seeds)}")
   os.makedirs(workdir, exist_ok=True)
   if p.compilation_cache:
     # Seeds of one method compile the same step: compile it once.
-    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+    if not jax.config.jax_compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   timings: dict[str, float] = {}
   _stage("[1/5] teacher: %d MLE steps", p.teacher_steps)
@@ -339,6 +350,12 @@ def run(config, workdir: str):
   )
   runs["init"] = init_dir
   init_ckpt = os.path.join(init_dir, "checkpoints")
+  shared_dirs = {"teacher": teacher_dir, "init": init_dir}
+  if p.ceiling_steps:
+    _stage("[3/5] student ceiling: the student trained like the teacher, %d steps", p.ceiling_steps)
+    shared_dirs["ceiling"] = os.path.join(workdir, "students", "ceiling")
+    _timed(timings, "ceiling", main.run_teacher, ceiling_config(config), shared_dirs["ceiling"])
+    runs["ceiling"] = shared_dirs["ceiling"]
 
   students = variants(p)
   _stage(
@@ -359,12 +376,12 @@ def run(config, workdir: str):
   teacher, _ = checkpoints.load_model(
     config.teacher.model, os.path.join(teacher_dir, "checkpoints")
   )
-  # The teacher and the shared initial student are evaluated once per seed
-  # too (with that seed's sampling keys), so every row has an interval.
+  # The teacher and the shared students (init, ceiling) are evaluated once
+  # per seed too (with that seed's sampling keys), so every row has an interval.
   per_seed: dict[str, dict[str, dict]] = {}
   for seed in p.seeds:
     teacher_cache: dict = {}
-    models_dirs = {"teacher": teacher_dir, "init": init_dir}
+    models_dirs = dict(shared_dirs)
     models_dirs.update({n: runs[f"{n}/seed{seed}"] for n in students})
     for name, model_dir in models_dirs.items():
       runguard.stop_if_preempted(f"the evaluation of {name}, seed {seed}")

@@ -23,9 +23,9 @@ COLUMNS = (
   ("bleu", "BLEU (greedy)", "{:.1f}"),
   ("precision", "precision %", "{:.1f}"),
   ("coverage_weighted", "coverage % (w)", "{:.1f}"),
-  ("kl", "KL(p*||q)", "{:.3f}"),
+  ("kl", "KL(p*‖q)", "{:.3f}"),
   ("tvd_exact", "TVD(p*,q)", "{:.3f}"),
-  ("rkl_valid", "RKL(q_v||p*)", "{:.3f}"),
+  ("rkl_valid", "RKL(q_v‖p*)", "{:.3f}"),
   ("invalid_mass", "q(invalid) %", "{:.1f}"),
   ("likelihood_risk_token", "R_llh", "{:.3f}"),
   ("coverage_risk_token", "R_cvg", "{:.3f}"),
@@ -38,9 +38,9 @@ NOTES = (
   "seeds; '-' where the model has fewer than 2 evaluations). "
   "BLEU (sampled): one ancestral sample per input against all valid outputs; BLEU (greedy) "
   "saturates at this size. Precision: share of sampled outputs that are valid; coverage (w): "
-  "p* mass of the distinct modes among the samples. KL(p*||q), TVD(p*,q), RKL(q_v||p*) and "
+  "p* mass of the distinct modes among the samples. KL(p*‖q), TVD(p*,q), RKL(q_v‖p*) and "
   "q(invalid) are exact (p*'s modes are enumerated and scored under q). "
-  "RKL(q_v||p*): the reverse KL of q renormalised on p*'s support (never negative); "
+  "RKL(q_v‖p*): the reverse KL of q renormalised on p*'s support (never negative); "
   "the reverse KL of q itself is infinite whenever q(invalid) > 0, so the two are shown "
   "together. R_llh / R_cvg: per-token NLL of student samples under the teacher / of "
   "teacher samples under the student. draft accept: mean per-token acceptance "
@@ -66,32 +66,70 @@ def results_table(summary: dict[str, dict[str, evidence.Interval]]) -> str:
   return "\n".join(lines)
 
 
-def capacity_lines(summary, sizes: dict[str, int]) -> list[str]:
-  """The teacher against its best student on the exact distances to p*."""
-  students = [n for n in summary if n not in ("teacher", "init") and "kl" in summary[n]]
+# The capacity table's rows: (metric, header, format, higher is better).
+CAPACITY = (
+  ("kl", "KL(p*‖·)", "{:.3f}", False),
+  ("tvd_exact", "TVD(p*,·)", "{:.3f}", False),
+  ("coverage_weighted", "coverage % (w)", "{:.1f}", True),
+  ("precision", "precision %", "{:.1f}", True),
+)
+SHARED = ("teacher", "init", "ceiling")  # models every seed shares (not distilled per seed)
+
+
+def capacity_table(per_seed, summary, sizes: dict[str, int]) -> list[str]:
+  """The teacher against the student ceiling and the best distilled student per metric.
+
+  The last column is the per-seed paired difference teacher - best student
+  (signed so that > 0 means the teacher is better), with its 95% t-interval.
+  """
+  students = [n for n in summary if n not in SHARED]
   if "teacher" not in summary or not students:
     return []
-  best = min(students, key=lambda n: summary[n]["kl"].mean)
-  t, s = summary["teacher"], summary[best]
-  fmt = "{:.3f}"
-  return [
-    f"Capacity gap: teacher {sizes.get('teacher', 0):,} parameters, student "
-    f"{sizes.get('student', 0):,}. Teacher KL(p*||p) {_cell(t['kl'], fmt)}, TVD(p*,p) "
-    f"{_cell(t['tvd_exact'], fmt)}, precision {_cell(t['precision'], '{:.1f}')} %, coverage "
-    f"{_cell(t['coverage_weighted'], '{:.1f}')} %; the student closest to p* in KL ({best}): "
-    f"KL {_cell(s['kl'], fmt)}, TVD {_cell(s['tvd_exact'], fmt)}, precision "
-    f"{_cell(s['precision'], '{:.1f}')} %, coverage {_cell(s['coverage_weighted'], '{:.1f}')} %.",
+  ceiling = "ceiling" in summary
+  lines = [
+    f"## Capacity gap (teacher {sizes.get('teacher', 0):,} parameters, student "
+    f"{sizes.get('student', 0):,})",
     "",
-  ]
+    "| metric | teacher |" + (" student ceiling |" if ceiling else "")
+    + " best student (method) | teacher better by (95% t-interval) |",
+    "|---|---|" + ("---|" if ceiling else "") + "---|---|",
+  ]  # fmt: skip
+  for key, header, fmt, higher in CAPACITY:
+    have = [n for n in students if key in summary[n]]
+    if key not in summary["teacher"] or not have:
+      continue
+    pick = max if higher else min
+    best = pick(have, key=lambda n: summary[n][key].mean)
+    sign = 1.0 if higher else -1.0
+    seeds = sorted(set(per_seed["teacher"]) & set(per_seed[best]))
+    gap = evidence.t_interval(
+      [sign * (per_seed["teacher"][s][key] - per_seed[best][s][key]) for s in seeds]
+    )
+    cells = [_cell(summary["teacher"][key], fmt)]
+    if ceiling:
+      cells.append(_cell(summary["ceiling"].get(key), fmt))
+    cells.append(f"{_cell(summary[best][key], fmt)} ({best})")
+    low = "-" if gap.n < 2 else f"[{fmt.format(gap.low)}, {fmt.format(gap.high)}]"
+    cells.append(f"{fmt.format(gap.mean)} {low}")
+    lines.append(f"| {header} | " + " | ".join(cells) + " |")
+  lines.append("")
+  if ceiling:
+    lines += [
+      "Student ceiling: the student architecture trained exactly like the teacher "
+      "(MLE on the ground truth from scratch, same steps, batch and learning rate).",
+      "",
+    ]
+  return lines
 
 
 def _error_plot(ax, summary, x, y, colors):
-  """Every student at (mean x, mean y) with 95% intervals; a distinct marker and colour each."""
+  """Every model but init at (mean x, mean y) with 95% intervals; a distinct marker and
+  colour each (the teacher and the student ceiling as reference points)."""
   markers = "osD^v<>pPX*hH8d"
   sweep = sorted((n for n in summary if n.startswith("js-b")), key=lambda n: float(n[4:]))
   if all(x in summary[n] and y in summary[n] for n in sweep) and len(sweep) > 1:
     ax.plot([summary[n][x].mean for n in sweep], [summary[n][y].mean for n in sweep], "k-", lw=0.8)
-  shown = [n for n, m in summary.items() if n not in ("teacher", "init") and x in m and y in m]
+  shown = [n for n, m in summary.items() if n != "init" and x in m and y in m]
   for i, name in enumerate(shown):
     m = summary[name]
     xe = 0 if m[x].n < 2 else m[x].half
@@ -180,7 +218,7 @@ def render(results: dict) -> str:
     "",
     NOTES,
     "",
-    *capacity_lines(summary, results.get("sizes", {})),
+    *capacity_table(per_seed, summary, results.get("sizes", {})),
     "## The paper's claims",
     "",
     "Verdicts are computed from the 95% t-interval of the per-seed paired difference "

@@ -270,8 +270,10 @@ def train_identity(config, model_config, *, teacher: dict | None = None, data=No
     data: the data source's identity (`records_identity`, or the task).
   """
   train = {k: v for k, v in config.train.items() if k not in OPERATIONAL_TRAIN_FIELDS}
+  # An empty objective schedule is left out: workdirs from before it existed still resume.
+  objective = {k: v for k, v in config.objective.items() if k != "schedule" or v}
   return _plain({
-    "objective": config.objective,
+    "objective": objective,
     "model": model_config,
     "train": train,
     "sampler": config.sampler,

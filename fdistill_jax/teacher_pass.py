@@ -2,11 +2,14 @@
 
 For every input of a task split, one jitted step (data-parallel over this
 process's devices) draws N teacher sequences with the sampler of
-`fdistill_jax.decoding`, re-reads them teacher-forced, and keeps at every
+`fdistill_jax.decoding`, scores them, and keeps at every
 position the log-prob of the sampled token, the top-k log-probs and ids, and
 the log-mass outside the top-k, and for a sampled teacher cache
 (`cache_form` `sampled` or `topk+sampled`, docs/teacher-cache.md) S tail
-tokens drawn from the teacher outside the top-k. A writer thread encodes and writes finished
+tokens drawn from the teacher outside the top-k. Greedy and ancestral
+sampling score while they decode (the loop's own log-probs, through
+`decoding.sample`'s `per_step`); beam methods, full log-probs and tail
+samples read the sequences again teacher-forced. A writer thread encodes and writes finished
 shards (`fdistill_jax.records`) while the devices work on the next batch.
 
 Restarts: shard `i` always holds the examples at positions
@@ -32,19 +35,15 @@ import threading
 from collections.abc import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from fdistill_jax import checkpoints, divergences, models, runguard, sampled_divergences, sharding
+from fdistill_jax import checkpoints, decoding, runguard, sharding
 from fdistill_jax import records as rec
-
-# (model, inputs [B, S], input_mask [B, S], keys [B] PRNG keys) -> a
-# decoding.DecodeResult (tokens [B, N, T], lengths [B, N] are used); runs
-# inside jit and is a static argument there, so it must hash by value
-# (decoding.ModelSampler does).
-Sampler = Callable
+from fdistill_jax.decoding import method_params
+from fdistill_jax.teacher_scoring import Sampler, teacher_outputs
+from fdistill_jax.teacher_scoring import topk_and_tail as topk_and_tail  # re-exported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +82,10 @@ class PassConfig:
     if unknown:
       raise ValueError(f"teacher_pass config: unknown keys {unknown}; expected {sorted(known)}")
     params = values.get("sampler_params", ())
-    if hasattr(params, "items"):
-      values["sampler_params"] = tuple(sorted(dict(params).items()))
+    if not isinstance(params, tuple):  # configs/teacher_pass.py: one block per method
+      where = "config.teacher_pass.sampler_params"
+      params = method_params(values.get("sampler"), params, where)
+    values["sampler_params"] = params
     mesh = values.get("mesh", ())
     values["mesh"] = tuple(dict(mesh).items()) if hasattr(mesh, "items") else tuple(mesh)
     return cls(**values)
@@ -94,6 +95,13 @@ class PassConfig:
       rec.check_cache_form(self.cache_form, self.top_k, self.num_tail_samples, None)
     except rec.RecordError as e:
       raise ValueError(f"config.teacher_pass: {e}") from None
+    try:
+      make_sampler(self)  # an unknown method or parameter fails here, before any model loads
+    except ValueError as e:
+      raise ValueError(
+        f"config.teacher_pass.sampler={self.sampler!r} with sampler_params "
+        f"{dict(self.sampler_params)}: {e}"
+      ) from None
     if not self.proposal_temperature > 0:
       raise ValueError(
         f"config.teacher_pass.proposal_temperature must be > 0, found {self.proposal_temperature}"
@@ -105,92 +113,16 @@ class PassConfig:
 # ---------------------------------------------------------------------------
 
 
-def topk_and_tail(logp: jax.Array, k: int):
-  """logp [..., V] normalised log-probs -> top-k values, ids [..., K] and tail [...].
-
-  The tail is `divergences.logsumexp_outside` the top-k; -inf when k == V,
-  0 (the whole vocabulary) when k == 0.
-  """
-  if k == 0:
-    empty = jnp.zeros((*logp.shape[:-1], 0))
-    return empty, empty.astype(jnp.int32), jnp.zeros(logp.shape[:-1])
-  values, ids = jax.lax.top_k(logp, k)
-  tail = divergences.logsumexp_outside(logp, ids, fill=-jnp.inf)
-  return values, ids.astype(jnp.int32), tail
-
-
-def _teacher_outputs(model, pc: PassConfig, sampler: Sampler, inputs, input_mask, indices, key):
-  """One batch: inputs [B, S], input_mask [B, S], indices [B] -> record arrays.
-
-  Returns tokens, token_logprobs, tail [B, N, T]; topk_logprobs, topk_ids
-  [B, N, T, K]; lengths [B, N]; optionally full_logprobs [B, N, T, V] and
-  sample_ids, sample_logprobs (proposal_logprobs) [B, N, T, S].
-  Positions past a sequence's length are zero (tokens: pad_id).
-  """
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-  result = sampler(model, inputs, input_mask, keys)
-  tokens, lengths = result.tokens, result.lengths
-  n, t = tokens.shape[1:]
-  valid = jnp.arange(t) < lengths[..., None]  # [B, N, T]
-  # Tail draws of (example i, sequence j) use fold_in(fold_in(tail_root, i), j):
-  # a stream apart from the sampler's fold_in(key, i), and per-example, so
-  # records do not depend on the batch an example lands in.
-  tail_root = jax.random.split(key)[1]
-  tail_keys = jax.vmap(
-    lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(tail_root, i), j))(
-      jnp.arange(n)
-    )
-  )(indices)  # [B, N]
-
-  def score_one(args):
-    # One sample per input at a time: the [B, T, V] log-probs, not [B, N, T, V].
-    toks, mask, sample_keys = args  # [B, T], [B, T], [B]
-    logits = models.forward(model, inputs, input_mask, toks, mask.astype(jnp.float32)).logits
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_lp = jnp.take_along_axis(logp, toks[..., None], axis=-1)[..., 0]
-    values, ids, tail = topk_and_tail(logp, pc.top_k)
-    out = dict(
-      teacher_token_logprobs=jnp.where(mask, token_lp, 0.0),
-      teacher_topk_logprobs=jnp.where(mask[..., None], values, 0.0),
-      teacher_topk_ids=jnp.where(mask[..., None], ids, 0),
-      teacher_tail_logmass=jnp.where(mask, tail, 0.0),
-    )
-    if pc.store_full_logprobs:
-      out["teacher_full_logprobs"] = jnp.where(mask[..., None], logp, 0.0)
-    if pc.num_tail_samples:
-      draw = functools.partial(
-        sampled_divergences.draw_tail_samples,
-        num_samples=pc.num_tail_samples,
-        temperature=pc.proposal_temperature,
-      )
-      s_ids, s_lp, r_lp = jax.vmap(draw)(logp, ids, sample_keys)
-      out["teacher_sample_ids"] = jnp.where(mask[..., None], s_ids, 0)
-      out["teacher_sample_logprobs"] = jnp.where(mask[..., None], s_lp, 0.0)
-      if pc.proposal_temperature != 1.0:
-        out["teacher_proposal_logprobs"] = jnp.where(mask[..., None], r_lp, 0.0)
-    return out
-
-  per_sample = jax.lax.map(
-    score_one, (tokens.swapaxes(0, 1), valid.swapaxes(0, 1), tail_keys.swapaxes(0, 1))
-  )
-  out = {name: value.swapaxes(0, 1) for name, value in per_sample.items()}
-  out["teacher_tokens"] = jnp.where(valid, tokens, model.config.pad_id).astype(jnp.int32)
-  out["teacher_lengths"] = lengths.astype(jnp.int32)
-  return out
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _step(graphdef, pc: PassConfig, sampler: Sampler, state, inputs, input_mask, indices, key):
   # Module-level with static (graphdef, config, sampler): a restarted or
   # repeated pass in one process reuses the compiled step.
   model = nnx.merge(graphdef, state)
-  return _teacher_outputs(model, pc, sampler, inputs, input_mask, indices, key)
+  return teacher_outputs(model, pc, sampler, inputs, input_mask, indices, key)
 
 
 def make_sampler(pc: PassConfig) -> Sampler:
   """The configured sampler of `fdistill_jax.decoding`, in the teacher pass's form."""
-  from fdistill_jax import decoding
-
   return decoding.make_model_sampler(
     pc.sampler, num_samples=pc.num_samples, max_len=pc.max_target_len, **dict(pc.sampler_params)
   )
@@ -475,7 +407,7 @@ def _batch_arrays(batch: list[dict], pc: PassConfig, pad_id: int, eos_id: int | 
 
 
 def run(config, workdir: str):
-  """`python -m fdistill_jax.main --mode=teacher_pass`: writes records_dir(config, workdir)."""
+  """`--mode=teacher_pass`: writes records_dir(config, workdir); returns the manifest (or None)."""
   from fdistill_jax.data import tasks
 
   pc = PassConfig.from_config(config.teacher_pass)
@@ -488,3 +420,4 @@ def run(config, workdir: str):
   manifest = teacher_pass(model, task, out_dir, pc, teacher_identity=identity)
   if manifest is not None:
     logging.info("teacher pass complete: %d records in %s", manifest["num_examples"], out_dir)
+  return manifest

@@ -2,7 +2,8 @@
 
 `train_loop` drives the jitted step of `fdistill_jax.train_step` (sources,
 teacher, sampler, optimizer and sharding are described there) for the plan
-of `config.objective` (`objectives.plan_from_config`): it restores the latest
+of `config.objective`, one step per phase of `config.objective.schedule`
+(`objective_schedule.from_config`, switched by the step counter): it restores the latest
 checkpoint (state and data position), feeds batches, writes (sum, count)
 metrics as means to `metrics.jsonl` and TensorBoard, evaluates periodically,
 checkpoints asynchronously, and on SIGTERM saves at the next step boundary
@@ -27,7 +28,7 @@ from fdistill_jax import (
   distributed,
   metrics,
   models,
-  objectives,
+  objective_schedule,
   runguard,
   sharding,
   teacher_pass,
@@ -111,6 +112,10 @@ def train_loop(
 ) -> dict:
   """Trains `student` on `config.objective` for `config.train.num_train_steps` updates.
 
+  With `config.objective.schedule`, each phase's updates use its own
+  objective (one compiled step per objective); a log row is written at every
+  phase's end, and its rows carry `phase` (0-based) and `objective/<name>`.
+
   Args:
     config: the distill/train_teacher ConfigDict (`objective`, `train`,
       `sampler`, `mesh`).
@@ -139,39 +144,42 @@ def train_loop(
      "eval" (last evaluation), "preempted"}.
   """
   # ---------------------------------------------------------------------------
-  # The plan, the models and the step.
+  # The plans, the models and one step per plan.
   # ---------------------------------------------------------------------------
   tc = config.train
-  plan = objectives.plan_from_config(config)
+  schedule = objective_schedule.from_config(config)
   mesh = sharding.mesh_from_config(config.mesh)
   split_student = models.SplitModel(student)
   tx = runguard.skip_nonfinite_updates(make_optimizer(tc), tc.nonfinite_patience)
-  if plan.teacher_model and teacher is None:
-    raise ValueError(f"objective {plan.name!r} needs config.teacher (a trained checkpoint)")
-  split_teacher = models.SplitModel(teacher) if plan.teacher_model else None
+  if schedule.teacher_model and teacher is None:
+    raise ValueError(f"objective {schedule.name!r} needs config.teacher (a trained checkpoint)")
+  split_teacher = models.SplitModel(teacher) if schedule.teacher_model else None
   if split_teacher is not None and split_teacher.config.vocab_size != student.config.vocab_size:
     raise ValueError(
       f"teacher vocab_size {split_teacher.config.vocab_size} != student vocab_size "
       f"{student.config.vocab_size}"
     )
-  if sampler is None and plan.decoding is not None:
-    sampler = default_sampler(plan.decoding, config.sampler, tc.max_target_len)
   teacher_sampler = None
-  if plan.online_teacher:
+  if schedule.online_teacher:
     teacher_sampler = default_sampler("sampler", config.sampler, tc.max_target_len)
-  step_fn = train_step.make_train_step(
-    plan,
-    split_student,
-    tx,
-    teacher=split_teacher,
-    sampler=sampler,
-    teacher_sampler=teacher_sampler,
-    grad_accum_steps=tc.grad_accum_steps,
-    num_teacher_samples=tc.num_teacher_samples,
-    max_target_len=tc.max_target_len,
-    dropout=tc.dropout,
-    fused_chunk_size=tc.fused_chunk_size,
-  )
+  step_fns = {}
+  for plan in schedule.plans:
+    student_sampler = sampler
+    if student_sampler is None and plan.decoding is not None:
+      student_sampler = default_sampler(plan.decoding, config.sampler, tc.max_target_len)
+    step_fns[plan] = train_step.make_train_step(
+      plan,
+      split_student,
+      tx,
+      teacher=split_teacher,
+      sampler=student_sampler,
+      teacher_sampler=teacher_sampler,
+      grad_accum_steps=tc.grad_accum_steps,
+      num_teacher_samples=tc.num_teacher_samples,
+      max_target_len=tc.max_target_len,
+      dropout=tc.dropout,
+      fused_chunk_size=tc.fused_chunk_size,
+    )
 
   # ---------------------------------------------------------------------------
   # State, checkpoint restore, data.
@@ -200,20 +208,21 @@ def train_loop(
   recorded_eval = runguard.resume_metrics(os.path.join(workdir, "metrics.jsonl"), start)
   nonfinite = runguard.NonFiniteStop(tc.nonfinite_patience, workdir)
   data = _open_data(data_fn, position)
-  jitted = train_step.jit_step(step_fn, state_shardings, mesh)
+  jitted = {p: train_step.jit_step(f, state_shardings, mesh) for p, f in step_fns.items()}
   writer = metrics.MetricWriter(workdir, tensorboard=tc.tensorboard)
   guard = guard or runguard.active_guard()
   own_guard = guard is None
   guard = guard or checkpoints.PreemptionGuard()
   progress = None
   if tc.progress_bar and jax.process_index() == 0:
-    progress = tqdm(total=tc.num_train_steps, initial=start, desc=plan.name, leave=False)
+    progress = tqdm(total=tc.num_train_steps, initial=start, desc=schedule.name, leave=False)
   acc, last_means, last_eval, preempted = None, {}, {}, False
-  step = start
+  step = logged = start
+  index = schedule.index_at(start)
   t0 = time.time()
 
   def meta():
-    m = {"data": data.position, "objective": plan.name}
+    m = {"data": data.position, "objective": schedule.phases[index].plan.name}
     if jax.process_count() > 1:
       # Every process reads its own stream, and process 0 alone writes this
       # JSON item: it keeps every process's position (a collective).
@@ -243,10 +252,22 @@ def train_loop(
       except StopIteration:
         logging.info("data exhausted at step %d", step)
         break
-      if step == start:  # before the step compiles
+      index = schedule.index_at(step)
+      phase = schedule.phases[index]
+      if step in (start, phase.start_step):  # before the phase's step compiles
         where = getattr(data, "directory", None) or "the batches of data_fn"
-        reader.check_batch_keys(batch, plan.batch_keys, where)
-      state, step_metrics = jitted(state, train_step.put_batch(batch, mesh), teacher_params)
+        reader.check_batch_keys(batch, phase.plan.batch_keys, where)
+        if len(schedule.phases) > 1:
+          logging.info(
+            "step %d: objective %r (phase %d of %r)",
+            step,
+            phase.plan.name,
+            index + 1,
+            schedule.text,
+          )
+      state, step_metrics = jitted[phase.plan](
+        state, train_step.put_batch(batch, mesh), teacher_params
+      )
       step += 1
       nonfinite.check(step, step_metrics, ckpt)  # raises before a non-finite state is saved
       acc = metrics.add_metrics(acc, step_metrics)
@@ -254,14 +275,18 @@ def train_loop(
       # -------------------------------------------------------------------------
       # Metrics, checkpoints, evaluation.
       # -------------------------------------------------------------------------
-      if step % tc.log_every_steps == 0 or step == tc.num_train_steps:
+      # A phase's last step is logged too: no logged mean mixes two objectives.
+      if step % tc.log_every_steps == 0 or step in (tc.num_train_steps, phase.end_step):
         last_means = metrics.metric_means(jax.tree.map(_host, acc))
         last_means["learning_rate"] = float(learning_rate_schedule(tc)(step - 1))
-        last_means["steps_per_second"] = tc.log_every_steps / max(time.time() - t0, 1e-9)
+        last_means["steps_per_second"] = (step - logged) / max(time.time() - t0, 1e-9)
+        if len(schedule.phases) > 1:  # which objective these means are of
+          last_means["phase"] = float(index)
+          last_means[f"objective/{phase.plan.name}"] = 1.0
         writer.write(step, last_means)
         if progress is not None:
           progress.set_postfix(loss=f"{last_means['loss']:.4f}")
-        acc, t0 = None, time.time()
+        acc, t0, logged = None, time.time(), step
       ckpt.maybe_save(step, state, meta)  # meta() (a collective) only when saving
       if eval_fn is not None and tc.eval_every_steps and step % tc.eval_every_steps == 0:
         evaluate(step)

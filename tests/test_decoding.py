@@ -223,6 +223,48 @@ def test_per_row_eos_and_lengths():
     np.testing.assert_allclose(lp[:length].sum(), _seq_logprob(table, 2, body), rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["greedy", "sample"])
+def test_per_step_outputs_are_each_steps_logprobs_until_eos(method):
+  table = _table(2)
+  n, starts = 32, np.arange(32) % V
+  keys = decoding.example_keys(jax.random.key(1), jnp.arange(n))
+  result, (logp, top) = decoding.decode(
+    _fake(table),
+    _init(n),
+    jnp.asarray(starts),
+    keys,
+    method=method,
+    max_len=T,
+    eos_id=EOS,
+    pad_id=PAD,
+    num_samples=2,
+    per_step=lambda lp: (lp, jnp.argmax(lp, axis=-1)),
+  )
+  assert logp.shape == (n, 2, T, V) and top.shape == (n, 2, T)
+  tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+  for b, j in itertools.product(range(n), range(2)):
+    prev = starts[b]
+    for t in range(T):
+      if t < lengths[b, j]:  # the float64 table row the step was fed from
+        np.testing.assert_allclose(logp[b, j, t], table[t, prev], rtol=1e-5, atol=1e-6)
+        assert top[b, j, t] == np.argmax(table[t, prev])
+        prev = tokens[b, j, t]
+      else:
+        assert np.all(np.asarray(logp[b, j, t]) == 0.0) and top[b, j, t] == 0
+  with pytest.raises(ValueError, match="per_step"):
+    decoding.decode(
+      _fake(table),
+      _init(n),
+      jnp.asarray(starts),
+      keys,
+      method="beam_search",
+      max_len=T,
+      eos_id=EOS,
+      pad_id=PAD,
+      per_step=lambda lp: lp,
+    )
+
+
 def test_samples_do_not_depend_on_batch_composition():
   table = _table(3)
   rng = jax.random.key(7)

@@ -125,3 +125,26 @@ def test_closer_and_margin_comparisons():
   assert evidence.verdict(evidence.t_interval(no_worse.differences(per_seed))) == (
     evidence.CONTRADICTED
   )
+
+
+def test_capacity_table_picks_the_best_student_and_pairs_its_gap():
+  teacher = {"kl": [0.10, 0.12, 0.11], "precision": [90.0, 91.0, 92.0]}
+  students = {
+    "kl": {"kl": [0.40, 0.45, 0.50], "precision": [70.0, 71.0, 72.0]},
+    "rkl": {"kl": [1.40, 1.50, 1.30], "precision": [80.0, 79.0, 82.0]},
+  }
+  per_seed = {
+    name: {str(s): {k: v[s] for k, v in metrics.items()} for s in range(3)}
+    for name, metrics in {"teacher": teacher, "ceiling": teacher, **students}.items()
+  }
+  summary = evidence.summarize(per_seed)
+  lines = report.capacity_table(per_seed, summary, {"teacher": 10, "student": 5})
+  rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+  # KL: lower is better, so kl is the best student; precision: rkl.
+  assert "(kl)" in rows["KL(p*‖·)"] and "(rkl)" in rows["precision %"]
+  gap = [b - a for a, b in zip(teacher["kl"], students["kl"]["kl"], strict=True)]
+  q = (2 * 0.975 - 1) / math.sqrt(2 * 0.975 * 0.025)  # t quantile, df = 2
+  low, high = _reference_interval(gap, q)
+  mean = math.fsum(gap) / 3
+  assert rows["KL(p*‖·)"].rstrip(" |").endswith(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
+  assert "student ceiling" in rows["metric"]

@@ -194,7 +194,7 @@ def test_main_reads_prompts_from_stdin(tmp_path, gguf_model):
     timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"generate: 2 prompts, 2 completions from {path} -> {out}" in proc.stdout
+  assert f"  wrote generations: {out}\n  final: prompts=2, completions=2," in proc.stdout
   assert [r["prompt"] for r in _rows(out)] == ["hello there", "do you"]
 
 
@@ -264,7 +264,7 @@ def test_export_mode_writes_both_formats(tmp_path, trained_student, gguf_model):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = tmp_path / "model-q8_0.gguf"
-  assert f"-> {out} (gguf, q8_0" in proc.stdout
+  assert f"  wrote export (gguf, q8_0): {out}\n" in proc.stdout
   tok, source = (
     load_tokenizer({"kind": "gguf", "path": str(out)}),
     load_tokenizer({"kind": "gguf", "path": path}),

@@ -223,6 +223,7 @@ def _run_child(script, workdir, kill_at, out, cache):
   )
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_parameters(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(_CHILD.format(repo=REPO))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from fdistill_jax.convert.gguf import load_gguf, read_gguf
+from fdistill_jax.convert.gguf import load_gguf, read_gguf_config
 from fdistill_jax.convert.gguf_export import export_gguf
 from fdistill_jax.convert.hf import hf_model_config, load_hf, read_hf_config
 from fdistill_jax.convert.hf_export import export_hf
@@ -89,9 +89,10 @@ def load_pretrained(spec, *, mesh=None, rules=None):
 def pretrained_config(spec):
   """The `ModelConfig` that `load_pretrained(spec)` would build, from metadata only.
 
-  Cheap enough for config files: reads config.json or the GGUF header, no
-  weights. Experiment configs use it to set `teacher.model` and to derive
-  the student's architecture from the teacher's.
+  Cheap enough for config files: reads config.json or the GGUF header
+  (`data.gguf_header`: no tensor data, well under a second for SmolLM2).
+  Experiment configs use it to set `teacher.model` and to derive the
+  student's architecture from the teacher's.
   """
   values = _as_dict(spec)
   path = values.pop("path", None)
@@ -104,8 +105,7 @@ def pretrained_config(spec):
     where = os.path.join(os.fspath(path), "config.json")
     return hf_model_config(read_hf_config(path), where, **values)
   if kind == "gguf":
-    hf, _ = read_gguf(path)
-    return hf_model_config(hf, os.fspath(path), **values)
+    return hf_model_config(read_gguf_config(path), os.fspath(path), **values)
   raise ConversionError(f"Pretrained spec: kind={kind!r} is not one of 'hf', 'gguf', 'auto'.")
 
 

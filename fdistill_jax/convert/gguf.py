@@ -13,7 +13,9 @@ permutation is undone here: llama.cpp's rows, viewed as
 `[heads, head_dim // 2, 2, ...]`, are HF's rows viewed as
 `[heads, 2, head_dim // 2, ...]` with the middle axes swapped.
 
-The tokenizer embedded in the same file is read by
+The config comes from the header alone (`read_gguf_config`, via
+`fdistill_jax.data.gguf_header`: no tensor data is read); the tensors from
+`gguf.GGUFReader`. The tokenizer embedded in the same file is read by
 `fdistill_jax.data.gguf_tokenizer.GGUFTokenizer`.
 
   model, config = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -28,6 +30,7 @@ import numpy as np
 
 from fdistill_jax.convert.hf import convert_tensors, hf_model_config
 from fdistill_jax.convert.params import ConversionError, TensorSource, assemble
+from fdistill_jax.data.gguf_header import read_header
 from fdistill_jax.data.gguf_tokenizer import gguf_reader
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -80,12 +83,12 @@ def unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _field(fields, key, default=None):
-  f = fields.get(key)
-  return default if f is None else f.contents()
+  value = fields.get(key)
+  return default if value is None else value
 
 
 def gguf_hf_config(fields, tensor_names, where: str, embedding_rows: int | None = None) -> dict:
-  """A Hugging Face-style LLaMA config dict from GGUF metadata."""
+  """A Hugging Face-style LLaMA config dict from GGUF metadata (`GGUFHeader.fields`)."""
   arch = _field(fields, "general.architecture")
   if arch not in SUPPORTED_ARCHITECTURES:
     raise ConversionError(
@@ -175,20 +178,28 @@ def _tensor_source(reader, hf: dict, path: str) -> TensorSource:
   return TensorSource(loaders)
 
 
-def read_gguf(path: str):
-  """(HF-style config dict, TensorSource under HF names) of a GGUF file."""
-
+def read_gguf_config(path: str) -> dict:
+  """The HF-style config dict of a GGUF file, from its header alone (no tensor data read)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ConversionError(f"Expected a GGUF file at {path!r}; found nothing there.")
   try:
+    header = read_header(path)
+  except (ValueError, OSError) as e:
+    raise ConversionError(f"{path!r} is not a readable GGUF file: {e}") from e
+  embedding = header.tensors.get("token_embd.weight")
+  rows = embedding.shape[0] if embedding is not None else None
+  return gguf_hf_config(header.fields, set(header.tensors), path, rows)
+
+
+def read_gguf(path: str):
+  """(HF-style config dict, TensorSource under HF names) of a GGUF file."""
+  hf = read_gguf_config(path)
+  try:
     reader = gguf_reader(path)
   except (ValueError, OSError) as e:
     raise ConversionError(f"{path!r} is not a readable GGUF file: {e}") from e
-  names = {t.name for t in reader.tensors}
-  rows = [int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"]
-  hf = gguf_hf_config(reader.fields, names, path, rows[0] if rows else None)
-  return hf, _tensor_source(reader, hf, path)
+  return hf, _tensor_source(reader, hf, os.fspath(path))
 
 
 def load_gguf(path: str, *, mesh=None, rules=None, **overrides):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 
+from fdistill_jax.data.gguf_header import read_header
 from fdistill_jax.data.tokenizers import (
   SentencePieceTokenizer,
   Tokenizer,
@@ -116,14 +117,8 @@ def gguf_reader(path: str):
 
 
 def _gguf_fields(path: str):
-  """`field(key, default)` over a GGUF file's metadata."""
-  fields = gguf_reader(path).fields
-
-  def field(key, default=None):
-    f = fields.get(key)
-    return default if f is None else f.contents()
-
-  return field
+  """`field(key, default)` over a GGUF file's metadata (its header alone)."""
+  return read_header(path).get
 
 
 def _spm_proto_from_gguf(field, where: str) -> bytes:

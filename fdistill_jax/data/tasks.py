@@ -18,9 +18,10 @@
   `chitchat-dataset` (read from the installed file, no network), split by
   conversation.
 
-File-backed kinds take `files` (split -> path). Every kind except `synthetic`
-needs `tokenizer`: a spec for `tokenizers.load_tokenizer`, or `{kind: "word"}`
-for a whitespace vocabulary built from the training split (tests, demos).
+File-backed kinds take `files` (split -> path; a split set to "" is absent).
+Every kind except `synthetic` needs `tokenizer`: a spec for
+`tokenizers.load_tokenizer`, or `{kind: "word"}` for a whitespace vocabulary
+built from the training split (tests, demos).
 Optional: `source_prefix` (prepended to every source, e.g. T5's task
 prefix), `source_template` (a format string with `{source}`, e.g. a chat
 template for a decoder-only prompt; applied after the prefix),
@@ -194,13 +195,13 @@ def _get(config, key, default=None):
 
 
 def _files(config) -> dict[str, str]:
-  files = _get(config, "files")
+  """The task's split -> path; splits set to "" are absent."""
+  files = {split: path for split, path in dict(_get(config, "files", {})).items() if path}
   if not files:
     raise ValueError(
       f"Task {_get(config, 'name')!r} (kind={_get(config, 'kind')!r}) needs "
-      "task.files = {split: path}; found none."
+      "task.files = {split: path} (e.g. --config.task.files.train=PATH); found none."
     )
-  files = dict(files)
   for split, path in files.items():
     if not os.path.isfile(path):
       raise FileNotFoundError(
@@ -218,8 +219,8 @@ def _tfds_loader(config):
     raise ValueError("Task kind 'tfds' needs task.tfds_name (e.g. 'xsum').")
   data_dir = _get(config, "data_dir")
   default_keys = _TFDS_KEYS.get(name, ("source", "target"))
-  src_key = _get(config, "source_key", default_keys[0])
-  tgt_key = _get(config, "target_key", default_keys[1])
+  src_key = _get(config, "source_key") or default_keys[0]
+  tgt_key = _get(config, "target_key") or default_keys[1]
 
   def load(split):
     try:
@@ -322,8 +323,8 @@ def _tsv_loader(config):
 
 def _jsonl_loader(config):
   files = _files(config)
-  src_key = _get(config, "source_key", "source")
-  tgt_key = _get(config, "target_key", "target")
+  src_key = _get(config, "source_key") or "source"
+  tgt_key = _get(config, "target_key") or "target"
 
   def load(split):
     with open(files[split], encoding="utf-8") as f:
@@ -420,7 +421,7 @@ def _splits(config, kind) -> tuple[str, ...]:
 
 def _tokenizer(config, task: Task) -> Tokenizer:
   spec = _get(config, "tokenizer")
-  if not spec:
+  if not spec or not _get(spec, "kind"):
     raise ValueError(
       f"Task {task.name!r} (kind={_get(config, 'kind')!r}) needs task.tokenizer: a spec for "
       "tokenizers.load_tokenizer (kind sentencepiece/hf/gguf + path) or {kind: 'word'}."
@@ -434,6 +435,33 @@ def _tokenizer(config, task: Task) -> Tokenizer:
       texts, min_count=int(_get(spec, "min_count", 1)), max_words=_get(spec, "max_words")
     )
   return load_tokenizer(spec)
+
+
+def check_config(config) -> None:
+  """Raises what `get_task(config)` would about the config itself, reading no data.
+
+  The kind, the split files and the tokenizer's kind and path: a run checks
+  them before it loads or trains any model.
+  """
+  kind = _get(config, "kind")
+  if kind not in KINDS:
+    raise ValueError(f"Task {_get(config, 'name', kind)!r}: kind={kind!r} is not one of {KINDS}.")
+  if kind in ("dart", "commonsense_dialogue", "tsv", "jsonl"):
+    _files(config)
+  spec = _get(config, "tokenizer")
+  if kind == "synthetic" or _get(spec or {}, "kind") == "word":
+    return
+  if not spec or not _get(spec, "kind"):
+    raise ValueError(
+      f"Task {_get(config, 'name', kind)!r} (kind={kind!r}) needs task.tokenizer.kind and "
+      "task.tokenizer.path (sentencepiece/hf/gguf), or task.tokenizer.kind='word'."
+    )
+  path = _get(spec, "path")
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(
+      f"config.task.tokenizer.path: expected the {_get(spec, 'kind')} tokenizer's file; "
+      f"found {'nothing at ' + repr(path) if path else 'no path'}."
+    )
 
 
 def get_task(config) -> Task:
