@@ -16,8 +16,10 @@ the students' training keys and data order and in the evaluation keys.
 Capacity gap: the student has the teacher's width but 1+1 layers instead of
 2+2 (about half the parameters), pre-distilled for 500 steps; on this task
 it stays well below the teacher on every exact distance to p* (results.md's
-"Capacity gap" table; configs/frontier.py adds the student ceiling, the
-student architecture trained exactly like the teacher). A half-width
+"Capacity gap" table). configs/frontier.py adds the student ceiling (the
+student architecture trained exactly like the teacher), which reaches the
+teacher: the students' gap is one of training budget, not capacity (README
+says so and what remains). A half-width
 student with word-level KD initialisation and 150 steps was tried for a
 larger gap and did not learn the task (precision 1.6 %), so it was dropped.
 
