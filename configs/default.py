@@ -85,12 +85,12 @@ def get_config(arg: str | None = None):
   config.train.checkpoint_every_steps = 100
   config.train.max_input_len = 24
   config.train.max_target_len = 24
-  # Offline teacher sequences: ancestral samples (the paper's formulation),
-  # two per input, with the top-64 teacher log-probs at every position.
   config.objective.layer_map = (1,)  # pre-distillation: student layer 0 <- teacher layer 1
   # Match layer-normalised hidden states (as the original EN-RO and dialogue
   # runs did): raw states differ in scale and the MSE would swamp KD and MLE.
   config.objective.normalize_hidden = True
+  # Offline teacher sequences: ancestral samples (the paper's formulation),
+  # two per input, with the top-64 teacher log-probs at every position.
   config.teacher_pass.sampler = "sample"
   config.teacher_pass.num_samples = 2
   config.teacher_pass.max_input_len = 24
