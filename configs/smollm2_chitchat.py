@@ -12,14 +12,17 @@ Every stage, from a fresh clone (README's install, then):
 
   launch/smollm2_chitchat.sh runs/smollm2_chitchat cpu
 
-which runs the teacher pass, distils the mle (ground truth), kl and js
-students, and evaluates the teacher, the layer-copy init and each student on
-the same test prompts (`--mode=evaluate`). docs/recipe-smollm2.md has the
-measured table, sample replies and wall times.
+which runs the teacher pass, distils the mle (ground truth) and kl students
+from the layer-copy init and then, warm-started from the kl student (the
+paper warm-starts every student), js and more kl for the same steps; it
+evaluates the teacher, the init and each student on the same test prompts
+(`--mode=evaluate`). docs/recipe-smollm2.md has the measured table, sample
+replies and wall times.
 
-Hardware and time: `cpu`, a 2-core CPU, the sizes measured to fit the whole
-chain in an hour (docs/recipe-smollm2.md); `full`, one accelerator (the
-teacher pass over 20k prompts and 2000 steps per student; not measured).
+Hardware and time: `cpu`, a 2-core CPU: the whole chain from a fresh clone,
+the install included, measured at 24 minutes (docs/recipe-smollm2.md);
+`full`, one accelerator (the teacher pass over 20k prompts and 2000 steps
+per student; not run).
 
 Why these sizes (measured, docs/recipe-smollm2.md): SmolLM2-135M is deep and
 thin (30 layers of width 576); any copy of fewer than 28 of its layers starts
@@ -36,7 +39,7 @@ from configs import teacher_gguf
 SYSTEM_PROMPT = "You are chatting with a friend. Reply in one short, casual sentence."
 
 PRESETS = {
-  # A 2-core CPU: the whole chain (launch/smollm2_chitchat.sh) in about an hour.
+  # A 2-core CPU: the whole chain (launch/smollm2_chitchat.sh) within an hour (24 min measured).
   "cpu": dict(
     layers=(0, 4, 8, 12, 16, 20, 24, 29),  # teacher layers the student copies
     train_examples=96,  # training prompts (teacher pass and every student)
