@@ -30,14 +30,23 @@ medians after warm-up; the PyTorch side runs with its faster thread count
   sampling in plain PyTorch + transformers (TRL's `generalized_jsd_loss`
   formulation for js; see bench/torch_real.py).
 * Roof: this machine's float32 matmul rate (jitted `[n, n] @ [n, n]`) and
-  read bandwidth (jitted sum of a 256 MiB float32 array) are measured here.
+  read bandwidth (jitted sum of a 256 MiB float32 array), measured here
+  (`bench.roof.machine_rates`).
   A greedy batch's roofline time is prefill FLOPs / rate + new tokens x
   max(weight bytes / bandwidth, step FLOPs / rate), FLOPs from XLA's cost
   analysis of the jitted prefill and of one decode step.
   `decode_roof_fraction` = roofline time / measured time (= achieved ÷
-  roofline tokens/s). `train_mfu/js` = model FLOPs of the js step
-  (6 N per trained token, 2 N per forward-only token, N the matmul
-  parameters including the tied output head) / step time / matmul rate.
+  roofline tokens/s); `decode_roof_fraction/hf` the same for HF `generate`.
+  Where a decode step's time goes: `time_s/decode_step/matmuls` (its weight
+  matmuls alone, `bench.roof.step_parts`), `decode_step_matmul_share` (that ÷
+  the step), `decode_matmul_bandwidth_fraction` (weight bytes / bandwidth ÷
+  that), `time_s/decode_step/head`, and `time_s/decode_step/matmuls_bf16`
+  (the same matmuls with bfloat16 weights). `train_mfu/<kl|js>` and
+  `train_mfu/<kl|js>/torch` = model FLOPs of the step (`bench.roof.
+  train_flops`: 6 N per trained token, 2 N per forward-only token, N the
+  matmul parameters including the tied output head) / step time / matmul
+  rate, both sides against the same rate. Each target figure's note says
+  what meeting it would need (e.g. 2x PyTorch's step = 2x its MFU).
 
 The PyTorch interpreter: `$FDISTILL_TORCH_PYTHON`, else the repository's
 `.venv-dev` / `.venv-bench`; without one the PyTorch figures are not measured
@@ -67,6 +76,7 @@ from flax import nnx  # noqa: E402
 from bench.decoding import cached_greedy  # noqa: E402
 from bench.loss_kernel import REPO, torch_python  # noqa: E402
 from bench.mfu import make_batch  # noqa: E402
+from bench.roof import machine_rates, step_parts, train_flops  # noqa: E402
 from bench.train import make_step  # noqa: E402
 from configs.teacher_gguf import smollm2_gguf  # noqa: E402
 from fdistill_jax import models, sharding, teacher_pass, teacher_scoring, train_step  # noqa: E402
@@ -79,8 +89,6 @@ PRESETS = {
   # A smoke run of the whole script (run with --no-write).
   "quick": dict(batch=2, prompt=16, new_tokens=8, top_k=8, step_batch=2, layers=(0, 29)),
 }
-MATMUL_N = 2048
-BANDWIDTH_BYTES = 256 * 2**20
 TARGET = 2.0
 ROOF_TARGET = 0.5
 
@@ -118,25 +126,6 @@ def _flops(fn, *args) -> float:
   if isinstance(analysis, list | tuple):
     analysis = analysis[0]
   return float(analysis["flops"])
-
-
-def machine_rates(repeats: int) -> dict:
-  """Measured float32 matmul FLOP/s and read bandwidth (bytes/s) of this device."""
-  a = jax.random.normal(jax.random.key(0), (MATMUL_N, MATMUL_N), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (MATMUL_N, MATMUL_N), jnp.float32)
-  big = jnp.ones((BANDWIDTH_BYTES // 4,), jnp.float32)
-  matmul, total = jax.jit(jnp.matmul), jax.jit(jnp.sum)
-  times = common.time_rotating(
-    {"matmul": lambda: matmul(a, b), "sum": lambda: total(big)}, repeats=max(repeats, 5)
-  )
-  return {"flops": 2.0 * MATMUL_N**3 / times["matmul"], "bandwidth": BANDWIDTH_BYTES / times["sum"]}
-
-
-def matmul_params(cfg) -> int:
-  """Parameters that take part in a matmul per token (layers + output head, not the lookup)."""
-  d, f, h, kvh, dh = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-  per_layer = d * h * dh * 2 + d * kvh * dh * 2 + 3 * d * f
-  return cfg.num_layers * per_layer + d * cfg.vocab_size
 
 
 def _pair(name, jax_fn, make_worker, args, repeats, probes, more=None):
@@ -195,6 +184,7 @@ def run(args) -> dict:
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(tstate))
   step_roof = max(weight_bytes / rates["bandwidth"], step_flops / rates["flops"])
   roof_s = prefill_flops / rates["flops"] + t * step_roof
+  parts = step_parts(teacher, b)
   jax_out = {}
 
   def jax_greedy():
@@ -215,7 +205,7 @@ def run(args) -> dict:
 
     if python is None:
       times = common.time_rotating(
-        {"jax": jax_greedy, "prefill": lambda: j_prefill(tstate, j_inputs, j_mask)},
+        {"jax": jax_greedy, "prefill": lambda: j_prefill(tstate, j_inputs, j_mask), **parts},
         warmup=args.warmup,
         repeats=repeats,
       )
@@ -227,8 +217,10 @@ def run(args) -> dict:
       times, answer, final = _pair(
         "greedy", jax_greedy, worker("greedy", "greedy.npz"), args, repeats, probes
       )
-      times["prefill"] = common.time_fn(
-        j_prefill, tstate, j_inputs, j_mask, warmup=0, repeats=repeats
+      times.update(
+        common.time_rotating(
+          {"prefill": lambda: j_prefill(tstate, j_inputs, j_mask), **parts}, repeats=repeats
+        )
       )
       hf_tokens = np.asarray(answer["tokens"])
       ours = np.asarray(jax_out["greedy"])
@@ -240,7 +232,16 @@ def run(args) -> dict:
         f"{agree.mean():.3f}): the two sides do not run the same model"
       )
       speedup = times["torch"] / times["jax"]
-      figures["greedy_hf_speedup"] = common.figure(speedup, "x", target=TARGET, better="higher")
+      hf_fraction = roof_s / times["torch"]
+      figures["greedy_hf_speedup"] = common.figure(
+        speedup,
+        "x",
+        target=TARGET,
+        better="higher",
+        note=f"{TARGET:g}x needs decode_roof_fraction {TARGET * hf_fraction:.2f} "
+        f"(HF at {hf_fraction:.2f})",
+      )
+      figures["decode_roof_fraction/hf"] = common.figure(hf_fraction, "fraction")
       figures["tokens_per_s/greedy/hf"] = common.figure(b * t / times["torch"], "tokens/s")
       figures["peak_mem_bytes/greedy/torch_rss"] = common.figure(final["peak_rss_bytes"], "bytes")
       if speedup < TARGET:
@@ -252,9 +253,21 @@ def run(args) -> dict:
     step_s = (times["jax"] - times["prefill"]) / t
     figures["time_s/decode_step/jax"] = common.figure(step_s, "s")
     figures["time_s/decode_step/roof"] = common.figure(step_roof, "s")
+    figures["time_s/decode_step/matmuls"] = common.figure(times["matmuls"], "s")
+    figures["time_s/decode_step/matmuls_bf16"] = common.figure(times["matmuls_bf16"], "s")
+    figures["time_s/decode_step/head"] = common.figure(times["head"], "s")
+    figures["decode_step_matmul_share"] = common.figure(times["matmuls"] / step_s, "fraction")
+    figures["decode_matmul_bandwidth_fraction"] = common.figure(
+      weight_bytes / rates["bandwidth"] / times["matmuls"], "fraction"
+    )
     roof_fraction = roof_s / times["jax"]
     figures["decode_roof_fraction"] = common.figure(
-      roof_fraction, "fraction", target=ROOF_TARGET, better="higher"
+      roof_fraction,
+      "fraction",
+      target=ROOF_TARGET,
+      better="higher",
+      note=f"a step's weight matmuls alone are {times['matmuls'] / step_s:.2f} of the step and "
+      f"reach {weight_bytes / rates['bandwidth'] / times['matmuls']:.2f} of the read bandwidth",
     )
     figures["peak_mem_bytes/greedy/jax"] = common.figure(
       common.compiled_memory(greedy, tstate, j_inputs, j_mask)["peak"], "bytes"
@@ -265,7 +278,14 @@ def run(args) -> dict:
       f"the {t} decode steps reads {weight_bytes / 2**20:.0f} MiB of float32 weights "
       f"({weight_bytes / rates['bandwidth'] * 1e3:.0f} ms at the read bandwidth) and does "
       f"{step_flops / 1e9:.2f} GFLOP ({step_flops / rates['flops'] * 1e3:.0f} ms at the matmul "
-      f"rate); measured {step_s * 1e3:.0f} ms a step (whole batch minus prefill, / {t})."
+      f"rate); measured {step_s * 1e3:.0f} ms a step (whole batch minus prefill, / {t}). "
+      f"Of the step, its weight matmuls alone (bench/roof.py `step_parts`) take "
+      f"{times['matmuls'] * 1e3:.0f} ms "
+      f"({weight_bytes / rates['bandwidth'] / times['matmuls']:.2f} of the read bandwidth; "
+      f"the head [D, V] and argmax alone {times['head'] * 1e3:.0f} ms), "
+      f"the rest of the step (attention over the cache, cache writes, RoPE, norms, per-op "
+      f"overhead) {(step_s - times['matmuls']) * 1e3:.0f} ms; with bfloat16 weights the "
+      f"matmuls take {times['matmuls_bf16'] * 1e3:.0f} ms."
     )
     if roof_fraction < ROOF_TARGET:
       misses.append("decode_roof_fraction")
@@ -317,8 +337,14 @@ def run(args) -> dict:
         more={"rescored": jax_rescored},
       )
       speedup = times["torch"] / times["jax"]
+      pass_fraction = {side: roof_s / times[side] for side in ("jax", "torch")}
       figures["teacher_pass_hf_speedup"] = common.figure(
-        speedup, "x", target=TARGET, better="higher"
+        speedup,
+        "x",
+        target=TARGET,
+        better="higher",
+        note=f"the greedy batch's roof / pass time: JAX {pass_fraction['jax']:.2f}, HF "
+        f"{pass_fraction['torch']:.2f}; {TARGET:g}x needs {TARGET * pass_fraction['torch']:.2f}",
       )
       figures["tokens_per_s/teacher_pass/jax"] = common.figure(b * t / times["jax"], "tokens/s")
       figures["tokens_per_s/teacher_pass/hf"] = common.figure(b * t / times["torch"], "tokens/s")
@@ -370,6 +396,8 @@ def run(args) -> dict:
         holder["state"], metrics = step(holder["state"], batch, tp)
         return metrics
 
+      model_flops = train_flops(name, scfg, tcfg, rows, s + t)
+      jax_mfu = model_flops / rates["flops"]
       if python is None:
         times = {"jax": common.time_fn(jax_step, warmup=args.warmup, repeats=repeats)}
       else:
@@ -377,26 +405,23 @@ def run(args) -> dict:
           f"step_{name}", jax_step, worker(f"step_{name}", "step.npz"), args, repeats, probes
         )
         speedup = times["torch"] / times["jax"]
+        torch_mfu = jax_mfu / times["torch"]
         figures[f"distill_step_speedup/{name}"] = common.figure(
-          speedup, "x", target=TARGET, better="higher"
+          speedup,
+          "x",
+          target=TARGET,
+          better="higher",
+          note=f"{TARGET:g}x needs train_mfu {TARGET * torch_mfu:.2f} (PyTorch at {torch_mfu:.2f})",
         )
         figures[f"time_s/step_{name}/torch"] = common.figure(times["torch"], "s")
+        figures[f"train_mfu/{name}/torch"] = common.figure(torch_mfu, "fraction")
         figures[f"peak_mem_bytes/step_{name}/torch_rss"] = common.figure(
           final["peak_rss_bytes"], "bytes"
         )
         if speedup < TARGET:
           misses.append(f"distill_step_speedup/{name}")
       figures[f"time_s/step_{name}/jax"] = common.figure(times["jax"], "s")
-      if name == "js":
-        n_s, n_t, seq = matmul_params(scfg), matmul_params(tcfg), s + t
-        model_flops = (
-          6 * n_s * 2 * rows * seq  # student forward + backward on y and y'
-          + 2 * n_t * rows * seq  # teacher forward on y'
-          + 2 * n_s * rows * seq  # the student's sampling (prefill + steps)
-        )
-        figures["train_mfu/js"] = common.figure(
-          model_flops / times["jax"] / rates["flops"], "fraction"
-        )
+      figures[f"train_mfu/{name}"] = common.figure(jax_mfu / times["jax"], "fraction")
   notes.insert(
     0,
     f"SmolLM2-135M-Instruct teacher ({tcfg.num_layers} layers, d_model {tcfg.d_model}, vocab "
