@@ -256,18 +256,18 @@ def run(args) -> dict:
     figures["time_s/decode_step/matmuls"] = common.figure(times["matmuls"], "s")
     figures["time_s/decode_step/matmuls_bf16"] = common.figure(times["matmuls_bf16"], "s")
     figures["time_s/decode_step/head"] = common.figure(times["head"], "s")
-    figures["decode_step_matmul_share"] = common.figure(times["matmuls"] / step_s, "fraction")
-    figures["decode_matmul_bandwidth_fraction"] = common.figure(
-      weight_bytes / rates["bandwidth"] / times["matmuls"], "fraction"
-    )
+    matmul_share = times["matmuls"] / step_s
+    matmul_bandwidth = weight_bytes / rates["bandwidth"] / times["matmuls"]
+    figures["decode_step_matmul_share"] = common.figure(matmul_share, "fraction")
+    figures["decode_matmul_bandwidth_fraction"] = common.figure(matmul_bandwidth, "fraction")
     roof_fraction = roof_s / times["jax"]
     figures["decode_roof_fraction"] = common.figure(
       roof_fraction,
       "fraction",
       target=ROOF_TARGET,
       better="higher",
-      note=f"a step's weight matmuls alone are {times['matmuls'] / step_s:.2f} of the step and "
-      f"reach {weight_bytes / rates['bandwidth'] / times['matmuls']:.2f} of the read bandwidth",
+      note=f"a step's weight matmuls alone are {matmul_share:.2f} of the step and "
+      f"reach {matmul_bandwidth:.2f} of the read bandwidth",
     )
     figures["peak_mem_bytes/greedy/jax"] = common.figure(
       common.compiled_memory(greedy, tstate, j_inputs, j_mask)["peak"], "bytes"

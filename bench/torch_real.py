@@ -44,6 +44,8 @@ import torch.nn.functional as F
 import transformers
 
 TASKS = ("greedy", "teacher_pass", "step_kl", "step_js")
+# Ancestral sampling from the full distribution, as the JAX side's sampler.
+ANCESTRAL = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
 
 
 def _load(folder):
@@ -101,32 +103,27 @@ class Runner:
       self.opt = torch.optim.AdamW(self.student.parameters(), lr=1e-4, weight_decay=1e-4)
     self.eos = self.teacher.config.eos_token_id
 
-  @torch.inference_mode()
-  def greedy(self):
-    out = self.teacher.generate(
+  def _generate(self, model, **kwargs):
+    """`model.generate` on the benchmark's prompts, cached, for `--new-tokens` tokens."""
+    return model.generate(
       input_ids=self.prompt,
       attention_mask=torch.ones_like(self.prompt),
-      do_sample=False,
-      num_beams=1,
       max_new_tokens=self.args.new_tokens,
-      min_new_tokens=self.args.new_tokens,
       use_cache=True,
+      **kwargs,
+    )
+
+  @torch.inference_mode()
+  def greedy(self):
+    out = self._generate(
+      self.teacher, do_sample=False, num_beams=1, min_new_tokens=self.args.new_tokens
     )
     return {"tokens": out[:, self.prompt.shape[1] :].tolist()}
 
   @torch.inference_mode()
   def teacher_pass(self):
-    out = self.teacher.generate(
-      input_ids=self.prompt,
-      attention_mask=torch.ones_like(self.prompt),
-      do_sample=True,
-      temperature=1.0,
-      top_k=0,
-      top_p=1.0,
-      max_new_tokens=self.args.new_tokens,
-      output_logits=True,
-      return_dict_in_generate=True,
-      use_cache=True,
+    out = self._generate(
+      self.teacher, **ANCESTRAL, output_logits=True, return_dict_in_generate=True
     )
     tokens = out.sequences[:, self.prompt.shape[1] :]  # [B, T']
     logits = torch.stack(out.logits, dim=1)  # [B, T', V]
@@ -143,17 +140,7 @@ class Runner:
   def _student_samples(self):
     self.student.eval()
     with torch.no_grad():
-      out = self.student.generate(
-        input_ids=self.prompt,
-        attention_mask=torch.ones_like(self.prompt),
-        do_sample=True,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=self.args.new_tokens,
-        min_new_tokens=self.args.new_tokens,
-        use_cache=True,
-      )
+      out = self._generate(self.student, **ANCESTRAL, min_new_tokens=self.args.new_tokens)
     self.student.train()
     return out[:, self.prompt.shape[1] :]
 
