@@ -155,7 +155,7 @@ def test_evaluate_a_gguf_student_against_a_gguf_teacher(tmp_path, chat_models, m
   per_reply = []
   for r in rows:
     toks = r["tokens"][:-1] if r["eos"] else r["tokens"]
-    grams = list(zip(toks, toks[1:]))
+    grams = list(zip(toks[:-1], toks[1:], strict=True))
     if grams:
       per_reply.append(1 - len(set(grams)) / len(grams))
   assert result["token_repetition2"] == pytest.approx(100 * np.mean(per_reply), nan_ok=True)
@@ -239,10 +239,9 @@ def _read_records(directory):
   return out
 
 
-def test_evaluate_an_experiment_checkpoint_on_its_task_split(tmp_path, experiment):
-  config, saved, records_dir = experiment
-  (student, s_folder), (teacher, t_folder) = saved["student"], saved["teacher"]
-  config = _config(
+def _greedy_on_validation(t_folder, records_dir, **generate):
+  """Greedy replies (8 tokens) to 3 validation prompts, scored by the experiment's teacher."""
+  return _config(
     "default",
     {
       "split": "validation",
@@ -251,10 +250,16 @@ def test_evaluate_an_experiment_checkpoint_on_its_task_split(tmp_path, experimen
       "teacher_checkpoint": t_folder,
       "teacher_samples": records_dir,
     },
-    checkpoint=s_folder,
     method="greedy",
     max_len=8,
+    **generate,
   )
+
+
+def test_evaluate_an_experiment_checkpoint_on_its_task_split(tmp_path, experiment):
+  config, saved, records_dir = experiment
+  (student, s_folder), (teacher, t_folder) = saved["student"], saved["teacher"]
+  config = _greedy_on_validation(t_folder, records_dir, checkpoint=s_folder)
   result = evaluate.run(config, str(tmp_path))
   assert result["num_prompts"] == result["num_replies"] == 3
   task = tasks.get_task(config.task)
@@ -340,20 +345,7 @@ def test_the_teacher_against_itself_loads_once(tmp_path, experiment, monkeypatch
   loads = []
   real_load = model_eval.load_usable_model
   monkeypatch.setattr(model_eval, "load_usable_model", lambda c: loads.append(1) or real_load(c))
-  config = _config(
-    "default",
-    {
-      "split": "validation",
-      "max_examples": 3,
-      "teacher": "experiment",
-      "teacher_checkpoint": t_folder,
-      "teacher_samples": records_dir,
-    },
-    model="teacher",
-    checkpoint=t_folder,
-    method="greedy",
-    max_len=8,
-  )
+  config = _greedy_on_validation(t_folder, records_dir, model="teacher", checkpoint=t_folder)
   result = evaluate.run(config, str(tmp_path))
   assert len(loads) == 1
   # Greedy log-probs are the model's own: the teacher's NLL of its replies is minus them.
