@@ -412,6 +412,7 @@ def run(config, workdir: str):
     "per seed: the methods' training keys and data order, and the evaluation keys",
     "eval_samples": p.eval_samples,
     "sizes": {"teacher": _num_params(teacher), "student": _student_params(config, init_dir)},
+    "steps": {"teacher": p.teacher_steps, "ceiling": p.ceiling_steps},
     "per_seed": per_seed,
     "timings_s": timings,
   }

@@ -76,8 +76,13 @@ CAPACITY = (
 SHARED = ("teacher", "init", "ceiling")  # models every seed shares (not distilled per seed)
 
 
-def capacity_table(per_seed, summary, sizes: dict[str, int]) -> list[str]:
+def capacity_table(
+  per_seed, summary, sizes: dict[str, int], steps: dict[str, int] | None = None
+) -> list[str]:
   """The teacher against the student ceiling and the best distilled student per metric.
+
+  `steps`: training steps of "teacher" and "ceiling" (results.json's "steps"),
+  named under the table.
 
   The last column is the per-seed paired difference teacher - best student
   (signed so that > 0 means the teacher is better), with its 95% t-interval.
@@ -114,9 +119,15 @@ def capacity_table(per_seed, summary, sizes: dict[str, int]) -> list[str]:
     lines.append(f"| {header} | " + " | ".join(cells) + " |")
   lines.append("")
   if ceiling:
+    steps = steps or {}
+    budget = (
+      f"{steps['ceiling']} steps against the teacher's {steps['teacher']}"
+      if "ceiling" in steps and "teacher" in steps
+      else "steps as in pipeline.ceiling_steps"
+    )
     lines += [
-      "Student ceiling: the student architecture trained exactly like the teacher "
-      "(MLE on the ground truth from scratch, same steps, batch and learning rate).",
+      "Student ceiling: the student architecture trained like the teacher "
+      f"(MLE on the ground truth from scratch, the teacher's batch and learning rate, {budget}).",
       "",
     ]
   return lines
@@ -218,7 +229,7 @@ def render(results: dict) -> str:
     "",
     NOTES,
     "",
-    *capacity_table(per_seed, summary, results.get("sizes", {})),
+    *capacity_table(per_seed, summary, results.get("sizes", {}), results.get("steps")),
     "## The paper's claims",
     "",
     "Verdicts are computed from the 95% t-interval of the per-seed paired difference "

@@ -61,6 +61,41 @@ TEMPLATES = (
   "{name} has {food} dishes and {price} prices near the {area} .",
 )
 
+# Beyond the handwritten templates, `num_templates` up to MAX_TEMPLATES takes
+# generated ones: the four slots in some order, each wrapped in one of these
+# phrases, joined by one of the joiners, ending in " .". They reuse the
+# handwritten templates' words only, so every config keeps one vocabulary;
+# a fixed seed makes them the same on every machine. More templates means
+# more modes for a model to learn: a capacity knob of the task.
+_PHRASES = {
+  "name": ("{name}", "try {name}", "a place called {name}", "{name} is a restaurant"),
+  "food": ("{food} food", "{food} dishes", "serves {food} food", "has {food} dishes"),
+  "area": ("in the {area}", "in the {area} area", "near the {area}", "located in the {area}"),
+  "price": ("at {price} prices", "with {price} prices", "{price} prices", "is {price}"),
+}
+_JOINERS = (" ", " , ", " and ")
+MAX_TEMPLATES = 64
+
+
+def _generated_templates(count: int) -> tuple[str, ...]:
+  """`count` distinct templates, none equal to a handwritten one, in a fixed order."""
+  rng = np.random.default_rng(20230709)
+  out, seen = [], set(TEMPLATES)
+  while len(out) < count:
+    order = rng.permutation(len(ATTRIBUTES))
+    phrases = [_PHRASES[ATTRIBUTES[i]][rng.integers(4)] for i in order]
+    text = phrases[0]
+    for phrase in phrases[1:]:
+      text += _JOINERS[rng.integers(len(_JOINERS))] + phrase
+    text += " ."
+    if text not in seen:
+      seen.add(text)
+      out.append(text)
+  return tuple(out)
+
+
+ALL_TEMPLATES = TEMPLATES + _generated_templates(MAX_TEMPLATES - len(TEMPLATES))
+
 SPECIAL_TOKENS = ("<pad>", "</s>", "<s>", "<unk>")
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 SPLITS = ("train", "validation", "test")
@@ -91,9 +126,10 @@ class SyntheticSpec:
       n, pool = getattr(self, f"num_{attr}s"), _VALUES[attr]
       if not 1 <= n <= len(pool):
         raise ValueError(f"Synthetic task: num_{attr}s={n}; expected 1..{len(pool)}.")
-    if not 1 <= self.num_templates <= len(TEMPLATES):
+    if not 1 <= self.num_templates <= MAX_TEMPLATES:
       raise ValueError(
-        f"Synthetic task: num_templates={self.num_templates}; expected 1..{len(TEMPLATES)}."
+        f"Synthetic task: num_templates={self.num_templates}; expected 1..{MAX_TEMPLATES} "
+        f"(the first {len(TEMPLATES)} handwritten, the rest generated)."
       )
     if self.template_probs:
       p = np.asarray(self.template_probs, np.float64)
@@ -213,7 +249,8 @@ def parse_source(source_text: str) -> dict[str, str]:
 
 
 def render(record: dict[str, str], template_id: int) -> str:
-  return TEMPLATES[template_id].format(**record)
+  """The output of template `template_id` (of ALL_TEMPLATES) for `record`."""
+  return ALL_TEMPLATES[template_id].format(**record)
 
 
 def vocabulary() -> list[str]:
