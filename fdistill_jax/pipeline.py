@@ -217,7 +217,7 @@ def evaluate(
   """Distribution metrics from ancestral samples, quality metrics from greedy outputs.
 
   `bleu_sampled` is the BLEU of one ancestral sample per input (greedy BLEU
-  saturates on the synthetic task); sampling keys derive from `eval_seed`.
+  saturated on the five-template task); sampling keys derive from `eval_seed`.
 
   A student is also rated as a speculative draft for the teacher (acceptance
   1 - TVD and expected tokens per step at `pipeline.draft_lengths`).

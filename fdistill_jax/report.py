@@ -36,8 +36,9 @@ COLUMNS = (
 NOTES = (
   "Each cell: mean over seeds ± half-width of the 95% Student-t interval (n = number of "
   "seeds; '-' where the model has fewer than 2 evaluations). "
-  "BLEU (sampled): one ancestral sample per input against all valid outputs; BLEU (greedy) "
-  "saturates at this size. Precision: share of sampled outputs that are valid; coverage (w): "
+  "BLEU (sampled): one ancestral sample per input against all valid outputs; BLEU (greedy): "
+  "the greedy output against the same. Precision: share of sampled outputs that are valid; "
+  "coverage (w): "
   "p* mass of the distinct modes among the samples. KL(p*‖q), TVD(p*,q), RKL(q_v‖p*) and "
   "q(invalid) are exact (p*'s modes are enumerated and scored under q). "
   "RKL(q_v‖p*): the reverse KL of q renormalised on p*'s support (never negative); "
