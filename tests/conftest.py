@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from xdist.scheduler import WorkStealingScheduling
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -49,6 +50,7 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: `-p no:xdist` runs must not reject it
 def pytest_xdist_make_scheduler(config, log):
   if config.getvalue("dist") == "load":  # -n's default; an explicit other --dist is kept
     return WorkStealingScheduling(config, log)
