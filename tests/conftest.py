@@ -44,6 +44,18 @@ if _OWN_CACHE:
 # Tiny test programs compile in well under JAX's default 1 s threshold.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import jax  # noqa: E402  (after the environment above, which JAX reads as it loads)
+
+
+@pytest.fixture(autouse=True)
+def _session_cache_threshold():
+  """The persistent cache's threshold restored after each test: `pipeline.run`
+  raises it to 0.5 s (its job's setting), which would leave the rest of the
+  session's tiny programs uncached."""
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  yield
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
 
 def pytest_collection_modifyitems(config, items):
   del config
