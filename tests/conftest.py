@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from xdist.scheduler import WorkStealingScheduling
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -43,12 +44,25 @@ if _OWN_CACHE:
 # Tiny test programs compile in well under JAX's default 1 s threshold.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import jax  # noqa: E402  (after the environment above, which JAX reads as it loads)
+
+
+@pytest.fixture(autouse=True)
+def _session_cache_threshold():
+  """The persistent cache's threshold restored after each test: `pipeline.run`
+  raises it to 0.5 s (its job's setting), which would leave the rest of the
+  session's tiny programs uncached."""
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  yield
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
 
 def pytest_collection_modifyitems(config, items):
   del config
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: slow first
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: `-p no:xdist` runs must not reject it
 def pytest_xdist_make_scheduler(config, log):
   if config.getvalue("dist") == "load":  # -n's default; an explicit other --dist is kept
     return WorkStealingScheduling(config, log)

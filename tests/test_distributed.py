@@ -110,6 +110,10 @@ def _worker(out_dir: str) -> None:
 # checkpoint, both written by the test (`_write_inputs`).
 DISTILL_STEPS = 4
 PREEMPT_AT = 3  # the two-process run stops here and resumes
+# Teacher and student: one-layer, 16-wide T5s. What the test compares (two
+# processes against one) does not depend on size, and each of the three
+# processes compiles every program itself: fewer layers, less to compile.
+SMALL_T5 = dict(num_layers=1, d_model=16, d_ff=32, num_heads=2)
 _SOURCES = [
   "red fox runs far", "blue cat sits", "old dog eats bread", "tall tree grows",
   "the sun is warm", "cold rain falls down", "small bird sings", "green hill rises high",
@@ -120,8 +124,8 @@ _SOURCES = [
 def pipeline_config(run_dir: str):
   """configs/distill.py:js sized for the test, with its teacher-pass section.
 
-  A TSV task with a word tokenizer; the teacher a t5-tiny, the student a
-  one-layer, 16-wide T5; the mesh data=4 x model=2 over all 8 devices, so
+  A TSV task with a word tokenizer; teacher and student `SMALL_T5`s (their
+  own initialisations); the mesh data=4 x model=2 over all 8 devices, so
   the batch is split between the processes and heads, MLP and vocabulary
   between device pairs. One config for both modes, as `--mode=teacher_pass`
   then `--mode=distill` would use it.
@@ -135,11 +139,9 @@ def pipeline_config(run_dir: str):
   config.task = task_configs.task_config(
     "tsv", files={"train": os.path.join(base, "train.tsv")}, tokenizer={"kind": "word"}
   )
-  config.teacher.model = presets.get_preset("t5-tiny")
+  config.teacher.model = presets.get_preset("t5-tiny", **SMALL_T5)
   config.teacher.checkpoint = os.path.join(base, "teacher")
-  config.student.model = presets.get_preset(
-    "t5-tiny", num_layers=1, d_model=16, d_ff=32, num_heads=2
-  )
+  config.student.model = presets.get_preset("t5-tiny", **SMALL_T5)
   config.teacher_pass.update(
     num_samples=2,
     sampler="sample",
@@ -431,7 +433,7 @@ def _write_inputs(base):
   from fdistill_jax import checkpoints, models, sharding
 
   (base / "train.tsv").write_text("".join(f"{s}\t{s.split()[-1]} {s}\n" for s in _SOURCES))
-  teacher = models.SplitModel(models.build_model(models.get_preset("t5-tiny"), rngs=0))
+  teacher = models.SplitModel(models.build_model(models.get_preset("t5-tiny", **SMALL_T5), rngs=0))
   mesh = sharding.mesh_from_config({"data": 4, "model": 2})
   ckpt = checkpoints.Checkpointer(str(base / "teacher"), async_save=False)
   ckpt.save(1, {"params": jax.device_put(teacher.params, teacher.shardings(mesh))})

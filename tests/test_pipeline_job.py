@@ -13,13 +13,23 @@ from fdistill_jax import pipeline
 @pytest.mark.slow
 def test_main_job_writes_table_json_and_plots(tmp_path):
   config = default.get_config()
+  # What is checked (every stage runs, the report is written, a rerun reuses
+  # it) does not depend on how well the models learn: a few steps of 16-wide
+  # models on 16-row batches, not the job's 64-wide ones on 32 rows.
+  for model in (config.teacher.model, config.student.model):
+    model.update(d_model=16, d_ff=32, num_heads=2)
   p = config.pipeline
-  p.teacher_steps, p.init_steps, p.distill_steps = 30, 4, 4
+  p.teacher_steps, p.init_steps, p.distill_steps = 4, 4, 4
+  p.teacher_batch_size = config.train.batch_size = 16
   # seqkd (no online sampling) keeps the test cheap; the ceiling is 4 MLE steps.
   p.methods, p.ceiling_steps = ("kl", "seqkd"), 4
   p.seeds, p.online_methods = (0, 1), ()
   p.eval_samples = 2
   config.train.checkpoint_every_steps = 1000
+  # The session's XLA cache (tests/conftest.py) keeps every program; the job's
+  # own cache settings would stop caching those under 0.5 s, and the second
+  # seed would compile again all that the first one did.
+  p.compilation_cache = False
   config.train.progress_bar = False
   config.task.max_examples = 64  # every split cut to 64 examples
   workdir = str(tmp_path)

@@ -193,28 +193,32 @@ _CHILD = textwrap.dedent(
   sys.path.insert(0, {repo!r})
   from fdistill_jax import models, train
   from tests import _train_helpers as h
-  workdir, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-  c = h.config("js", num_train_steps=8, checkpoint_every_steps=2)
-  student = models.build_model(h.model_config(), rngs=0)
-  teacher = models.build_model(h.model_config(), rngs=1)
-  def callback(step, state):
-    if step == kill_at:
-      os.kill(os.getpid(), signal.SIGKILL)
-  res = train.train_loop(c, workdir, student=student, teacher=teacher,
-                         data_fn=h.data_fn(teacher), sampler=h.sampler_for("js"),
-                         step_callback=callback)
-  leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(res["params"])]
-  np.savez(out, *leaves)
+  # Pairs of (workdir, kill_at, out), run one after the other in this process.
+  runs = [sys.argv[i : i + 3] for i in range(1, len(sys.argv), 3)]
+  for workdir, kill_at, out in runs:
+    kill_at = int(kill_at)
+    c = h.config("js", num_train_steps=8, checkpoint_every_steps=2)
+    student = models.build_model(h.model_config(), rngs=0)
+    teacher = models.build_model(h.model_config(), rngs=1)
+    def callback(step, state):
+      if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    res = train.train_loop(c, workdir, student=student, teacher=teacher,
+                           data_fn=h.data_fn(teacher), sampler=h.sampler_for("js"),
+                           step_callback=callback)
+    leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(res["params"])]
+    np.savez(out, *leaves)
   """
 )
 
 
-def _run_child(script, workdir, kill_at, out, cache):
+def _run_child(script, cache, *runs):
+  """Runs (workdir, kill_at, out) triples in one child process, in order."""
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return subprocess.run(
-    [sys.executable, str(script), str(workdir), str(kill_at), str(out)],
+    [sys.executable, str(script), *(str(arg) for run in runs for arg in run)],
     env=env,
     cwd=REPO,
     capture_output=True,
@@ -228,14 +232,15 @@ def test_resume_after_sigkill_ends_with_the_same_parameters(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(_CHILD.format(repo=REPO))
   cache = str(tmp_path / "jax_cache")
-  # Killed at step 5 (after the async save of step 4 started), then resumed.
-  killed = _run_child(script, tmp_path / "a", 5, tmp_path / "a.npz", cache)
+  # One process runs straight through (b), then is killed at step 5 of a
+  # second run (a: after the async save of step 4 started); a fresh process
+  # resumes a. The straight run goes first so that the kill loses nothing.
+  killed = _run_child(script, cache, (tmp_path / "b", -1, tmp_path / "b.npz"),
+                      (tmp_path / "a", 5, tmp_path / "a.npz"))  # fmt: skip
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-  assert not (tmp_path / "a.npz").exists()
-  resumed = _run_child(script, tmp_path / "a", -1, tmp_path / "a.npz", cache)
+  assert (tmp_path / "b.npz").exists() and not (tmp_path / "a.npz").exists()
+  resumed = _run_child(script, cache, (tmp_path / "a", -1, tmp_path / "a.npz"))
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  straight = _run_child(script, tmp_path / "b", -1, tmp_path / "b.npz", cache)
-  assert straight.returncode == 0, straight.stderr[-2000:]
   a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
   assert len(a.files) == len(b.files) > 0
   for key in a.files:
