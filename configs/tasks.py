@@ -100,7 +100,7 @@ def _fields() -> dict:
     num_foods=8,  # synthetic
     num_areas=4,  # synthetic
     num_prices=3,  # synthetic
-    num_templates=5,  # synthetic: output templates (the modes of p*(y|x))
+    num_templates=5,  # synthetic: output templates, the modes of p*(y|x) (1-64; 9+ generated)
     template_probs=config_dict.placeholder(tuple),  # synthetic; None: template_decay ** k
     template_decay=0.55,  # synthetic
     train_samples_per_record=2,  # synthetic

@@ -55,6 +55,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 
@@ -386,9 +387,14 @@ def reply_metrics(rows, prompts: Prompts, repetition_n) -> dict:
 
 
 def _write_jsonl(path: str, rows: list[dict]):
+  """Rows as JSON Lines; a row's float that is undefined for it (NaN, e.g. the
+  repetition rate of a reply shorter than n) is written as null, not as `NaN`."""
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for row in rows:
+      row = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
+      }
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
   os.replace(tmp, path)
 

@@ -366,3 +366,15 @@ def test_a_predictions_file_is_still_scored_without_a_model(tmp_path, monkeypatc
   result = evaluate.run(config, str(tmp_path))
   assert result["bleu"] == pytest.approx(100.0) and result["precision"] == pytest.approx(100.0)
   assert json.loads((tmp_path / "metrics_validation.json").read_text())["bleu"] == result["bleu"]
+
+
+def test_jsonl_rows_write_undefined_rates_as_null(tmp_path):
+  # A one-word reply has no 2-gram: its repetition2 is NaN, which strict JSON
+  # readers (jq, JavaScript) reject; the row must carry null instead.
+  path = str(tmp_path / "rows.jsonl")
+  rate = metrics.repetition_rate(["hi"], 2)
+  model_eval._write_jsonl(path, [{"completion": "hi", "repetition2": rate, "nll": 1.5}])
+  text = open(path, encoding="utf-8").read()
+  assert "NaN" not in text
+  row = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+  assert row == {"completion": "hi", "repetition2": None, "nll": 1.5}
