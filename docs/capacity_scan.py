@@ -33,17 +33,18 @@ def _tag(values: dict) -> str:
   return "_".join(f"{k}{v}" for k, v in sorted(values.items())) or "default"
 
 
-def _evaluate(config, task, model_cfg, model_dir, teacher) -> dict:
+def _evaluate(config, task, model_cfg, model_dir, teacher_dir, teacher) -> dict:
+  """The METRICS of one model at eval seed 0, stored like the main job's evaluations."""
   path = os.path.join(model_dir, "scan_eval.json")
-  if not os.path.exists(path):
+  key = pipeline.eval_key(config, model_dir, teacher_dir, eval_seed=0)
+  metrics = pipeline.read_eval(path, key)
+  if metrics is None:
     model = teacher
     if model_cfg is not None:
       model, _ = checkpoints.load_model(model_cfg, os.path.join(model_dir, "checkpoints"))
-    out = pipeline.evaluate(config, task, model, teacher, 0, {})
-    with open(path, "w") as f:
-      json.dump({k: float(out[k]) for k in METRICS}, f)
-  with open(path) as f:
-    return json.load(f)
+    metrics = pipeline.evaluate(config, task, model, teacher, 0, {})
+    pipeline.write_eval(path, key, metrics)
+  return {k: float(metrics[k]) for k in METRICS}
 
 
 def scan(out: str, task_kv: dict, student_kv: dict, steps: list[int]) -> list[dict]:
@@ -60,13 +61,13 @@ def scan(out: str, task_kv: dict, student_kv: dict, steps: list[int]) -> list[di
     config.teacher.model, os.path.join(teacher_dir, "checkpoints")
   )
   rows = [dict(model="teacher", steps=config.pipeline.teacher_steps, task=task_kv)]
-  rows[0].update(_evaluate(config, task, None, teacher_dir, teacher))
+  rows[0].update(_evaluate(config, task, None, teacher_dir, teacher_dir, teacher))
   for n in steps:
     config.pipeline.ceiling_steps = n
     run_dir = os.path.join(task_dir, f"{_tag(student_kv)}_steps{n}")
     main.run_teacher(pipeline.ceiling_config(config), run_dir)
     row = dict(model="ceiling", steps=n, task=task_kv, student=student_kv)
-    row.update(_evaluate(config, task, config.student.model, run_dir, teacher))
+    row.update(_evaluate(config, task, config.student.model, run_dir, teacher_dir, teacher))
     rows.append(row)
   for row in rows:
     print(json.dumps(row))

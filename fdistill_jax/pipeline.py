@@ -312,6 +312,15 @@ def read_eval(path: str, key: dict) -> dict | None:
   return stored["metrics"]
 
 
+def write_eval(path: str, key: dict, metrics: dict):
+  """Stores `metrics` with the `key` they were computed for (read back by `read_eval`)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"key": key, "metrics": metrics}, f, indent=2, default=float)
+  os.replace(tmp, path)
+
+
 @runguard.run_owner("workdir")
 def run(config, workdir: str):
   """Runs every stage (skipping finished ones) and writes the report into `workdir`."""
@@ -399,11 +408,7 @@ def run(config, workdir: str):
         metrics = _timed(
           timings, "evaluate", evaluate, config, task, model, teacher, eval_seed, teacher_cache
         )
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-          json.dump({"key": key, "metrics": metrics}, f, indent=2, default=float)
-        os.replace(tmp, path)
+        write_eval(path, key, metrics)
       per_seed.setdefault(name, {})[str(seed)] = metrics
   runguard.stop_if_preempted("the report")
   results = {

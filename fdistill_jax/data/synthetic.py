@@ -82,8 +82,8 @@ def _generated_templates(count: int) -> tuple[str, ...]:
   rng = np.random.default_rng(20230709)
   out, seen = [], set(TEMPLATES)
   while len(out) < count:
-    order = rng.permutation(len(ATTRIBUTES))
-    phrases = [_PHRASES[ATTRIBUTES[i]][rng.integers(4)] for i in order]
+    attrs = [ATTRIBUTES[i] for i in rng.permutation(len(ATTRIBUTES))]
+    phrases = [_PHRASES[a][rng.integers(len(_PHRASES[a]))] for a in attrs]
     text = phrases[0]
     for phrase in phrases[1:]:
       text += _JOINERS[rng.integers(len(_JOINERS))] + phrase
