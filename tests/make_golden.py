@@ -16,6 +16,12 @@ The fixture pins the trainer's behaviour across refactors: regenerate it
 only for an intended change of the numbers, and say why in the commit.
 
   PYTHONPATH=$PWD python tests/make_golden.py
+
+`python -m tests.make_golden --serve` runs cases on request instead: one
+case name per line on stdin, one JSON line of `run_case`'s result (or
+{"error": traceback}) per case on stdout. tests/test_golden.py runs its
+cases there, in a process with XLA's default flags, as the fixture was
+recorded.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import json  # noqa: E402 - after the JAX environment variables
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -128,5 +135,20 @@ def main():
   print(f"wrote {FIXTURE}: {len(results)} cases", file=sys.stderr)
 
 
+def serve():
+  """Answers case names read from stdin, one JSON line each on stdout (see the docstring)."""
+  replies = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)  # whatever else prints (the trainer's logs, XLA) goes to stderr
+  tiny = tiny_models()
+  with tempfile.TemporaryDirectory() as tmp:
+    for i, line in enumerate(sys.stdin):
+      name = line.strip()
+      try:
+        reply = run_case(name, os.path.join(tmp, str(i)), tiny)
+      except Exception:  # noqa: BLE001 - the test reports it, with the traceback
+        reply = {"error": traceback.format_exc()}
+      print(json.dumps(reply), file=replies, flush=True)
+
+
 if __name__ == "__main__":
-  main()
+  serve() if sys.argv[1:] == ["--serve"] else main()
