@@ -185,17 +185,22 @@ def shard_batch(tree, mesh: Mesh, rules=DEFAULT_RULES):
 def decode_state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for a model decode state: batch split, KV caches also split over heads.
 
-  Cache leaves are [B, slots, heads, head_dim] (self and cross attention);
-  every other leaf only has the batch (axis 0) split.
+  Self-attention caches (under "cache") are [B, heads, slots, head_dim], the
+  encoder-decoder's cross-attention keys/values (under "cross") [B, slots,
+  heads, head_dim]; every other leaf only has the batch (axis 0) split.
   """
 
-  def one(x):
-    names = (
-      ("batch", None, "heads", "kv") if np.ndim(x) == 4 else ("batch",) + (None,) * (np.ndim(x) - 1)
-    )
+  def one(path, x):
+    top = path[0].key if path and isinstance(path[0], jax.tree_util.DictKey) else None
+    if np.ndim(x) == 4 and top == "cache":
+      names = ("batch", "heads", None, "kv")
+    elif np.ndim(x) == 4:
+      names = ("batch", None, "heads", "kv")
+    else:
+      names = ("batch",) + (None,) * (np.ndim(x) - 1)
     return NamedSharding(mesh, logical_to_spec(names, rules, mesh, np.shape(x)))
 
-  return jax.tree.map(one, state)
+  return jax.tree_util.tree_map_with_path(one, state)
 
 
 def shard_decode_state(state, mesh: Mesh, rules=DEFAULT_RULES):

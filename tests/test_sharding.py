@@ -109,8 +109,8 @@ def test_sharded_forward_and_decode_match_single_device(name, mesh):
   )
   cache_k = state["cache"][0]["k"]
   kv_heads = model.config.kv_heads
-  assert cache_k.sharding.spec == PartitionSpec(("data", "fsdp"), None, "model", None)
-  assert cache_k.addressable_shards[0].data.shape[2] == kv_heads // 2
+  assert cache_k.sharding.spec == PartitionSpec(("data", "fsdp"), "model", None, None)
+  assert cache_k.addressable_shards[0].data.shape[1] == kv_heads // 2
   tokens = M.start_tokens(reference, batch["inputs"], batch["input_mask"])
   logits, state = step(params, state, tokens)
   logits, state = step(params, state, jnp.asarray(batch["targets"][:, 0]))

@@ -169,18 +169,20 @@ class Attention(nnx.Module):
     self.groups = h // kvh
     self.dtype = cfg.act_dtype
 
-  def attend(self, q, k, v, bias):
-    """q [B, Lq, H, Dh], k/v [B, Lk, KVH, Dh], bias [B|1, H|1, Lq, Lk] -> [B, Lq, D]."""
+  def attend(self, q, k, v, bias, heads_major=False):
+    """q [B, Lq, H, Dh], k/v [B, Lk, KVH, Dh] (or [B, KVH, Lk, Dh] when `heads_major`,
+    the cache layout), bias [B|1, H|1, Lq, Lk] -> [B, Lq, D]."""
     b, lq, h, dh = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1 if heads_major else 2]
+    kv = "bktd" if heads_major else "btkd"
     q = q.reshape(b, lq, kvh, self.groups, dh) * jnp.asarray(self.scale, q.dtype)
-    logits = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"bqkgd,{kv}->bkgqt", q, k, preferred_element_type=jnp.float32)
     if bias.shape[1] == 1:
       bias = bias[:, :, None]
     else:
       bias = bias.reshape(bias.shape[0], kvh, self.groups, *bias.shape[2:])
     probs = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v).reshape(b, lq, h, dh)
+    out = jnp.einsum(f"bkgqt,{kv}->bqkgd", probs, v).reshape(b, lq, h, dh)
     return self.out(out)
 
 
@@ -296,19 +298,19 @@ def run_layer(layer: nnx.Module, x, remat: bool, *args):
 
 
 def write_cache(cache, new, index):
-  """Writes new [B, L, ...] into cache [B, Lc, ...] at per-row slot index [B]."""
+  """Writes new [B, L, KVH, Dh] into cache [B, KVH, Lc, Dh] at per-row slot index [B]."""
 
   def one(c, n, i):
-    return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, axis=0)
+    return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), i, axis=1)
 
-  return jax.vmap(one)(cache, new, index)
+  return jax.vmap(one)(cache, jnp.swapaxes(new, 1, 2), index)
 
 
 def self_attention(attn: Attention, x, bias, cache=None, index=None, positions=None, theta=None):
   """Self-attention over x [B, L, D], optionally through a KV cache.
 
   Without a cache the keys are x itself; with one, x's keys/values are written
-  at slot `index` [B] of `cache = {"k", "v"}` ([B, Lc, KVH, Dh]) and the
+  at slot `index` [B] of `cache = {"k", "v"}` ([B, KVH, Lc, Dh]) and the
   queries attend over all Lc slots (bias [B, 1|H, L, Lc] hides unwritten ones).
   RoPE is applied to queries and keys at `positions` [B, L] when `theta` is set.
   Returns (out [B, L, D], new cache or None).
@@ -316,15 +318,18 @@ def self_attention(attn: Attention, x, bias, cache=None, index=None, positions=N
   q, k, v = attn.query(x), attn.key(x), attn.value(x)
   if theta is not None:
     q, k = rope(q, positions, theta), rope(k, positions, theta)
-  if cache is not None:
-    k, v = write_cache(cache["k"], k, index), write_cache(cache["v"], v, index)
-    cache = {"k": k, "v": v}
-  return attn.attend(q, k, v, bias), cache
+  if cache is None:
+    return attn.attend(q, k, v, bias), None
+  cache = {"k": write_cache(cache["k"], k, index), "v": write_cache(cache["v"], v, index)}
+  return attn.attend(q, cache["k"], cache["v"], bias, heads_major=True), cache
 
 
 def empty_cache(cfg: ModelConfig, batch: int, length: int):
-  """Zeroed {"k", "v"} [B, length, KVH, Dh] in the activation dtype."""
-  shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
+  """Zeroed {"k", "v"} [B, KVH, length, Dh] in the activation dtype.
+
+  Heads before slots: attention reads each head's keys and values as one
+  contiguous [length, Dh] block, so no step transposes the cache."""
+  shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
   return {"k": jnp.zeros(shape, cfg.act_dtype), "v": jnp.zeros(shape, cfg.act_dtype)}
 
 
