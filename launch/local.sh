@@ -32,8 +32,10 @@
 #     --config=configs/default.py --mode=distill
 #   launch/local.sh --platform=gpu --num_processes=2 --workdir=/tmp/fd
 #
-# Exit status: 0 when every process exits 0; otherwise 1, and the tail of each
-# failed process's log is printed.
+# Exit status: 0 when every process exits 0; otherwise the status of the
+# first process that failed (e.g. 75 for a preempted run that saved its
+# state, which a scheduler can requeue), and the tail of each failed
+# process's log is printed.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -170,6 +172,7 @@ fi
 # Poll rather than wait in order: when one process dies the others would block
 # in a collective until JAX's heartbeat timeout, so stop them at once.
 FAILED=()
+FIRST_RC=0
 declare -A EXIT_CODES=()
 while ((${#EXIT_CODES[@]} < NUM_PROCESSES)); do
   for i in "${!PIDS[@]}"; do
@@ -180,6 +183,7 @@ while ((${#EXIT_CODES[@]} < NUM_PROCESSES)); do
     EXIT_CODES[$i]=$rc
     if ((rc != 0)); then
       FAILED+=("$i")
+      ((FIRST_RC == 0)) && FIRST_RC=$rc # the others are stopped below: theirs is not the cause
       cleanup
     fi
   done
@@ -196,6 +200,6 @@ if ((${#FAILED[@]} > 0)); then
     echo "local.sh: process $i failed; last lines of $LOG_DIR/process_$i.log:" >&2
     tail -n 30 "$LOG_DIR/process_$i.log" >&2
   done
-  exit 1
+  exit "$FIRST_RC"
 fi
 echo "local.sh: all $NUM_PROCESSES processes finished" >&2
