@@ -361,11 +361,7 @@ def test_distills_from_teacher_pass_records(tmp_path):
 
   c = h.config("js", num_train_steps=2, max_input_len=32, max_target_len=10, batch_size=4)
   c.task.max_examples = 8
-  # One layer each: what is checked (the records feed the trainer) does not
-  # depend on depth, and the teacher pass and the step compile less.
-  c.student.model = models.get_preset(
-    "t5-tiny", vocab_size=128, d_model=16, d_ff=32, num_heads=2, num_layers=1
-  )
+  c.student.model = models.get_preset("t5-tiny", vocab_size=128, d_model=16, d_ff=32, num_heads=2)
   c.teacher.model = c.student.model
   c.teacher_pass.out_dir = str(tmp_path / "records")
   task = tasks.get_task(c.task)
