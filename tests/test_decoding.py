@@ -359,7 +359,9 @@ def test_model_sampler_logprobs_equal_teacher_forced_scores(preset):
     n = result.tokens.shape[1]
     tokens = np.asarray(result.tokens).reshape(3 * n, -1)
     mask = (np.arange(8)[None] < np.asarray(result.lengths).reshape(-1, 1)).astype(np.float32)
-    scores = models.score(model, np.repeat(inputs, n, 0), np.repeat(input_mask, n, 0), tokens, mask)
+    # Jitted: eagerly, every operation of the model compiles for each of the two shapes.
+    score = jax.jit(models.score)
+    scores = score(model, np.repeat(inputs, n, 0), np.repeat(input_mask, n, 0), tokens, mask)
     np.testing.assert_allclose(
       np.asarray(result.token_logprobs).reshape(3 * n, -1), np.asarray(scores), atol=1e-5
     )

@@ -84,7 +84,7 @@ def _naive_greedy(model, prompt_ids, steps, eos_id):
 def _score(model, prompt_ids, tokens):
   inputs = np.asarray([prompt_ids], np.int32)
   targets = np.asarray([tokens], np.int32)
-  logp = models.score(
+  logp = jax.jit(models.score)(  # one program per shape, not one per operation and shape
     model, inputs, np.ones_like(inputs, np.float32), targets, np.ones_like(targets, np.float32)
   )
   return float(np.asarray(logp).sum())
@@ -239,9 +239,10 @@ def test_export_mode_writes_both_formats(tmp_path, trained_student, gguf_model):
   inputs = np.asarray([[5, 6, 7, 1]], np.int32)
   targets = np.asarray([[8, 9, 1]], np.int32)
   ones = lambda a: np.ones_like(a, np.float32)  # noqa: E731
+  forward = jax.jit(models.forward)  # one program for both (one architecture)
   np.testing.assert_array_equal(
-    np.asarray(models.forward(back, inputs, ones(inputs), targets, ones(targets)).logits),
-    np.asarray(models.forward(student, inputs, ones(inputs), targets, ones(targets)).logits),
+    np.asarray(forward(back, inputs, ones(inputs), targets, ones(targets)).logits),
+    np.asarray(forward(student, inputs, ones(inputs), targets, ones(targets)).logits),
   )
   # A GGUF re-exported as q8_0 with its tokenizer, through the command line.
   path, _ = gguf_model

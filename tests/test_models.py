@@ -13,6 +13,19 @@ from fdistill_jax import models as M
 TINY = ["t5-tiny", "t5v1.1-tiny", "bart-tiny", "mbart-tiny", "llama-tiny", "gpt2-tiny"]
 B, S, T = 3, 6, 5
 
+# The model API jitted: one compiled program per function, model and shapes.
+# Called eagerly, JAX compiles every operation of a model for every new shape,
+# 2-4x the CPU time of compiling the jitted function once (measured on the
+# tiny presets), and these tests are compile-bound. The computation checked is
+# the same: the functions trace the model code the library runs under jit.
+forward = nnx.jit(M.forward, static_argnames="with_logits")
+score = nnx.jit(M.score)
+start_tokens = nnx.jit(M.start_tokens)
+init_decode_state = nnx.jit(M.init_decode_state, static_argnums=3)
+decode_step = nnx.jit(M.decode_step)
+extend = nnx.jit(M.extend)
+rewind = nnx.jit(M.rewind)
+
 
 @pytest.fixture(scope="module", params=TINY)
 def model(request):
@@ -33,11 +46,11 @@ def _batch(cfg, seed=0, lengths=(6, 4, 1)):
 
 def _cached_logprobs(model, inputs, input_mask, targets, target_mask):
   """Feeds the targets one by one through decode_step -> [B, T] log-probs of them."""
-  state = M.init_decode_state(model, inputs, input_mask, targets.shape[1])
-  tokens = M.start_tokens(model, inputs, input_mask)
+  state = init_decode_state(model, inputs, input_mask, targets.shape[1])
+  tokens = start_tokens(model, inputs, input_mask)
   out = []
   for t in range(targets.shape[1]):
-    logits, state = M.decode_step(model, state, tokens)
+    logits, state = decode_step(model, state, tokens)
     assert logits.dtype == jnp.float32 and logits.shape == (B, model.config.vocab_size)
     logp = jax.nn.log_softmax(logits, axis=-1)
     out.append(jnp.take_along_axis(logp, targets[:, t : t + 1], axis=1)[:, 0])
@@ -47,7 +60,7 @@ def _cached_logprobs(model, inputs, input_mask, targets, target_mask):
 
 def test_cached_decoding_matches_teacher_forcing(model):
   batch = _batch(model.config)
-  scored = M.score(model, *batch)
+  scored = score(model, *batch)
   cached = _cached_logprobs(model, *batch)
   chex.assert_shape(scored, (B, T))
   chex.assert_trees_all_close(cached, scored, atol=1e-5, rtol=0)
@@ -58,17 +71,17 @@ def test_cached_decoding_matches_teacher_forcing(model):
 
 def test_score_is_log_softmax_of_forward_logits(model):
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=1)
-  out = M.forward(model, inputs, input_mask, targets, target_mask)
+  out = forward(model, inputs, input_mask, targets, target_mask)
   logits = np.asarray(out.logits, np.float64)
   logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
   expected = (np.take_along_axis(logits, targets[..., None], -1)[..., 0] - logz) * target_mask
   chex.assert_trees_all_close(
-    M.score(model, inputs, input_mask, targets, target_mask), expected, atol=1e-5
+    score(model, inputs, input_mask, targets, target_mask), expected, atol=1e-5
   )
 
 
 def test_output_head_reproduces_logits(model):
-  out = M.forward(model, *_batch(model.config))
+  out = forward(model, *_batch(model.config))
   w, scale = M.output_head(model)
   cfg = model.config
   chex.assert_shape(w, (cfg.d_model, cfg.vocab_size))
@@ -82,10 +95,10 @@ def test_output_head_reproduces_logits(model):
 
 def test_source_padding_does_not_change_outputs(model):
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=2)
-  base = M.score(model, inputs, input_mask, targets, target_mask)
+  base = score(model, inputs, input_mask, targets, target_mask)
   extra = 3
   pad = np.full((B, extra), model.config.pad_id, np.int32)
-  padded = M.score(
+  padded = score(
     model,
     np.concatenate([inputs, pad], 1),
     np.concatenate([input_mask, np.zeros((B, extra), np.float32)], 1),
@@ -96,17 +109,17 @@ def test_source_padding_does_not_change_outputs(model):
   # Garbage under the mask changes nothing either.
   noisy = np.where(input_mask > 0, inputs, 7).astype(np.int32)
   chex.assert_trees_all_close(
-    M.score(model, noisy, input_mask, targets, target_mask), base, atol=1e-5, rtol=0
+    score(model, noisy, input_mask, targets, target_mask), base, atol=1e-5, rtol=0
   )
 
 
 def test_each_row_independent_of_the_others(model):
   """A row's scores equal those computed for it alone at its own unpadded length."""
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=3)
-  batched = M.score(model, inputs, input_mask, targets, target_mask)
+  batched = score(model, inputs, input_mask, targets, target_mask)
   for i in range(B):
     n = int(input_mask[i].sum())
-    alone = M.score(
+    alone = score(
       model,
       inputs[i : i + 1, :n],
       input_mask[i : i + 1, :n],
@@ -118,10 +131,10 @@ def test_each_row_independent_of_the_others(model):
 
 def test_logits_do_not_see_the_future(model):
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=4)
-  base = M.forward(model, inputs, input_mask, targets, target_mask).logits
+  base = forward(model, inputs, input_mask, targets, target_mask).logits
   changed = targets.copy()
   changed[:, 2:] = 5
-  other = M.forward(model, inputs, input_mask, changed, target_mask).logits
+  other = forward(model, inputs, input_mask, changed, target_mask).logits
   chex.assert_trees_all_close(other[:, :3], base[:, :3], atol=1e-6)
   assert np.abs(np.asarray(other[:, 3:] - base[:, 3:])).max() > 1e-4
 
@@ -129,12 +142,12 @@ def test_logits_do_not_see_the_future(model):
 def test_left_and_right_padded_prompts_agree():
   model = M.build_model(M.get_preset("llama-tiny"), 0)
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=5)
-  right = M.score(model, inputs, input_mask, targets, target_mask)
+  right = score(model, inputs, input_mask, targets, target_mask)
   lengths = input_mask.sum(1).astype(int)
   left_inputs = np.stack([np.roll(r, S - n) for r, n in zip(inputs, lengths, strict=True)])
   left_mask = np.stack([np.roll(r, S - n) for r, n in zip(input_mask, lengths, strict=True)])
   assert left_mask[2, -1] == 1 and left_mask[2, 0] == 0
-  left = M.score(model, left_inputs, left_mask, targets, target_mask)
+  left = score(model, left_inputs, left_mask, targets, target_mask)
   chex.assert_trees_all_close(left, right, atol=1e-5, rtol=0)
   cached = _cached_logprobs(model, left_inputs, left_mask, targets, target_mask)
   chex.assert_trees_all_close(cached, right, atol=1e-5, rtol=0)
@@ -144,16 +157,17 @@ def test_decode_state_reorders_along_batch(model):
   """Every state leaf has batch on axis 0: permuting it equals decoding permuted inputs."""
   inputs, input_mask, targets, _ = _batch(model.config, seed=6)
   perm = np.array([2, 0, 1])
-  state = M.init_decode_state(model, inputs, input_mask, 3)
+  # A cache of T slots (two are used), as in the tests above: the same compiled programs.
+  state = init_decode_state(model, inputs, input_mask, T)
   assert all(leaf.shape[0] == B for leaf in jax.tree.leaves(state))
-  tokens = M.start_tokens(model, inputs, input_mask)
-  _, state = M.decode_step(model, state, tokens)
+  tokens = start_tokens(model, inputs, input_mask)
+  _, state = decode_step(model, state, tokens)
   state = jax.tree.map(lambda x: jnp.take(x, perm, axis=0), state)
-  logits, _ = M.decode_step(model, state, jnp.asarray(targets[perm, 0]))
+  logits, _ = decode_step(model, state, jnp.asarray(targets[perm, 0]))
 
-  ref_state = M.init_decode_state(model, inputs[perm], input_mask[perm], 3)
-  _, ref_state = M.decode_step(model, ref_state, tokens[perm])
-  ref_logits, _ = M.decode_step(model, ref_state, jnp.asarray(targets[perm, 0]))
+  ref_state = init_decode_state(model, inputs[perm], input_mask[perm], T)
+  _, ref_state = decode_step(model, ref_state, tokens[perm])
+  ref_logits, _ = decode_step(model, ref_state, jnp.asarray(targets[perm, 0]))
   chex.assert_trees_all_close(logits, ref_logits, atol=1e-5)
 
 
@@ -170,14 +184,14 @@ def test_jitted_decode_step_traces_once(name):
 
   init = jax.jit(lambda p, x, m: M.init_decode_state(nnx.merge(graphdef, p), x, m, T))
   state = init(params, inputs, input_mask)
-  tokens = M.start_tokens(model, inputs, input_mask)
+  tokens = start_tokens(model, inputs, input_mask)
   out = []
   for t in range(T):
     logits, state = step(params, state, tokens)
     out.append(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, t : t + 1], 1)[:, 0])
     tokens = jnp.asarray(targets[:, t])
   chex.clear_trace_counter()
-  expected = M.score(model, inputs, input_mask, targets, target_mask)
+  expected = score(model, inputs, input_mask, targets, target_mask)
   chex.assert_trees_all_close(jnp.stack(out, 1) * target_mask, expected, atol=1e-5, rtol=0)
 
 
@@ -187,10 +201,10 @@ def test_bfloat16_activations(name):
   bf16 = M.build_model(M.get_preset(name, dtype="bfloat16"), 0)
   assert bf16.embed.embedding[...].dtype == jnp.float32  # params stay float32
   batch = _batch(f32.config, seed=8)
-  out = M.forward(bf16, *batch)
+  out = forward(bf16, *batch)
   assert out.logits.dtype == jnp.float32 and out.hidden.dtype == jnp.bfloat16
-  ref = M.score(f32, *batch)
-  got = M.score(bf16, *batch)
+  ref = score(f32, *batch)
+  got = score(bf16, *batch)
   assert np.abs(np.asarray(got - ref)).max() < 0.1
   chex.assert_trees_all_close(_cached_logprobs(bf16, *batch), got, atol=0.05)
 
@@ -277,13 +291,13 @@ def test_dropout_only_with_an_rng(name):
   plain = M.build_model(M.get_preset(name), 0)
   noisy = M.build_model(M.get_preset(name, dropout_rate=0.3), 0)
   key = jax.random.key(0)
-  base = M.forward(plain, *batch).logits
+  base = forward(plain, *batch).logits
   # Default (no rng) is deterministic even with a dropout rate; rate 0 ignores the rng.
-  chex.assert_trees_all_close(M.forward(noisy, *batch).logits, base, atol=1e-6)
-  chex.assert_trees_all_close(M.forward(plain, *batch, dropout_rng=key).logits, base, atol=1e-6)
-  a = M.forward(noisy, *batch, dropout_rng=key).logits
-  b = M.forward(noisy, *batch, dropout_rng=key).logits
-  c = M.forward(noisy, *batch, dropout_rng=jax.random.key(1)).logits
+  chex.assert_trees_all_close(forward(noisy, *batch).logits, base, atol=1e-6)
+  chex.assert_trees_all_close(forward(plain, *batch, dropout_rng=key).logits, base, atol=1e-6)
+  a = forward(noisy, *batch, dropout_rng=key).logits
+  b = forward(noisy, *batch, dropout_rng=key).logits
+  c = forward(noisy, *batch, dropout_rng=jax.random.key(1)).logits
   chex.assert_trees_all_close(a, b, atol=0)
   assert np.abs(np.asarray(a - base)).max() > 1e-3 and np.abs(np.asarray(a - c)).max() > 1e-3
 
@@ -292,9 +306,10 @@ def test_without_logits_and_finite_gradients_under_padding():
   model = M.build_model(M.get_preset("bart-tiny"), 0)
   inputs, input_mask, targets, target_mask = _batch(model.config, seed=10)
   input_mask[2] = 0  # a source that is all padding must not produce NaNs
-  out = M.forward(model, inputs, input_mask, targets, target_mask, with_logits=False)
+  out = forward(model, inputs, input_mask, targets, target_mask, with_logits=False)
   assert out.logits is None
-  chex.assert_trees_all_close(out.hidden, M.forward(model, inputs, input_mask, targets).hidden)
+  full = forward(model, inputs, input_mask, targets, target_mask)
+  chex.assert_trees_all_close(out.hidden, full.hidden)
   graphdef, params = nnx.split(model)
 
   def loss(p):
@@ -328,9 +343,9 @@ def test_learned_positions_past_the_table_raise():
   model = M.build_model(M.get_preset("gpt2-tiny", max_positions=8), 0)
   inputs, input_mask, targets, target_mask = _batch(model.config)
   with pytest.raises(ValueError, match="10 positions needed but gpt2 has max_positions=8"):
-    M.forward(model, inputs, input_mask, targets, target_mask)
+    forward(model, inputs, input_mask, targets, target_mask)
   with pytest.raises(ValueError, match="max_positions=8"):
-    M.init_decode_state(model, inputs, input_mask, 4)
+    init_decode_state(model, inputs, input_mask, 4)
 
 
 @pytest.mark.parametrize("name", ["t5-tiny", "bart-tiny", "llama-tiny", "gpt2-tiny"])
@@ -338,22 +353,23 @@ def test_extend_and_rewind_match_teacher_forcing(name):
   """Multi-token `extend`s with per-row `rewind`s in between give the teacher-forced logits."""
   model = M.build_model(M.get_preset(name), 0)
   inputs, input_mask, targets, _ = _batch(model.config, seed=8)
-  full = M.forward(model, inputs, input_mask, targets).logits  # [B, T, V]
-  state = M.init_decode_state(model, inputs, input_mask, T + 2)
-  start = M.start_tokens(model, inputs, input_mask)
+  every_target = np.ones((B, T), np.float32)  # the forward of the tests above (with a mask)
+  full = forward(model, inputs, input_mask, targets, every_target).logits  # [B, T, V]
+  state = init_decode_state(model, inputs, input_mask, T + 2)
+  start = start_tokens(model, inputs, input_mask)
   fed = jnp.concatenate([start[:, None], jnp.asarray(targets[:, :-1])], axis=1)  # [B, T]
-  logits, state = M.extend(model, state, fed[:, :2])
+  logits, state = extend(model, state, fed[:, :2])
   chex.assert_shape(logits, (B, 2, model.config.vocab_size))
   chex.assert_trees_all_close(logits, full[:, :2], atol=1e-4, rtol=0)
   # fed[:, 2] and two junk tokens; rows 0 and 2 keep fed[:, 2], row 1 forgets it too.
   junk = jnp.full((B, 2), 5, jnp.int32)
-  logits, state = M.extend(model, state, jnp.concatenate([fed[:, 2:3], junk], axis=1))
+  logits, state = extend(model, state, jnp.concatenate([fed[:, 2:3], junk], axis=1))
   chex.assert_trees_all_close(logits[:, 0], full[:, 2], atol=1e-4, rtol=0)
-  state = M.rewind(model, state, jnp.array([2, 3, 2]))
+  state = rewind(model, state, jnp.array([2, 3, 2]))
   # Equal-length blocks: rows 0 and 2 need fed[:, 3:] (one junk token after), row 1 fed[:, 2:].
   block = jnp.where(
     jnp.array([0, 1, 0])[:, None] > 0, fed[:, 2:], jnp.concatenate([fed[:, 3:], junk[:, :1]], 1)
   )
-  logits, _ = M.extend(model, state, block)
+  logits, _ = extend(model, state, block)
   chex.assert_trees_all_close(logits[1], full[1, 2:], atol=1e-4, rtol=0)
   chex.assert_trees_all_close(logits[::2, :-1], full[::2, 3:], atol=1e-4, rtol=0)

@@ -15,9 +15,15 @@ def test_main_job_writes_table_json_and_plots(tmp_path):
   config = default.get_config()
   # What is checked (every stage runs, the report is written, a rerun reuses
   # it) does not depend on how well the models learn: a few steps of 16-wide
-  # models on 16-row batches, not the job's 64-wide ones on 32 rows.
+  # models on 16-row batches, not the job's 64-wide ones on 32 rows. Nor on
+  # the teacher being the larger model: teacher and student are both the
+  # job's 1+1-layer student, so that each evaluation program (sampling,
+  # scoring, greedy decoding) and the MLE step of teacher and ceiling compile
+  # once for both. The student still starts from a copy of a teacher layer.
   for model in (config.teacher.model, config.student.model):
-    model.update(d_model=16, d_ff=32, num_heads=2)
+    model.update(d_model=16, d_ff=32, num_heads=2, num_layers=1, num_encoder_layers=1)
+  config.student.init.update(encoder_layers=(0,), decoder_layers=(0,))
+  config.objective.layer_map = (0,)
   p = config.pipeline
   p.teacher_steps, p.init_steps, p.distill_steps = 4, 4, 4
   p.teacher_batch_size = config.train.batch_size = 16

@@ -265,10 +265,14 @@ def _pair(name, vocab=None, noise=0.0):
   graphdef, params = nnx.split(target)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(7), len(leaves))
-  noisy = [
-    x + noise * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
-  ]
-  return target, nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
+
+  @jax.jit  # one program, not one per parameter shape
+  def perturb(leaves, keys):
+    return [
+      x + noise * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
+
+  return target, nnx.merge(graphdef, jax.tree.unflatten(treedef, perturb(leaves, keys)))
 
 
 def _prompt(cfg, batch, length=4, seed=0):
@@ -287,7 +291,7 @@ def test_greedy_on_models_is_the_target_greedy_output(name):
   keys = decoding.example_keys(jax.random.key(0), jnp.arange(4))
   sampler = speculative.SpeculativeSampler(gamma=3, max_len=10, method="greedy")
   got = jax.jit(sampler)(target, draft, inputs, mask, keys)
-  want = decoding.make_model_sampler("greedy", max_len=10)(target, inputs, mask, keys)
+  want = jax.jit(decoding.make_model_sampler("greedy", max_len=10))(target, inputs, mask, keys)
   np.testing.assert_array_equal(got.decode.tokens, want.tokens)
   np.testing.assert_array_equal(got.decode.lengths, want.lengths)
   chex.assert_trees_all_close(got.decode.token_logprobs, want.token_logprobs, atol=1e-4)
@@ -311,7 +315,7 @@ def test_model_samples_follow_the_target_sequence_distribution(name):
   outcomes = _outcomes(vocab, max_len, cfg.eos_id)
   padded = np.array([list(s) + [cfg.pad_id] * (max_len - len(s)) for s in outcomes], np.int32)
   rep = len(outcomes)
-  logits = models.forward(
+  logits = jax.jit(models.forward)(
     target, jnp.repeat(inputs, rep, 0), jnp.repeat(mask, rep, 0), jnp.asarray(padded)
   ).logits
   logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)), np.float64)

@@ -82,7 +82,7 @@ def test_stratified_records_hold_the_teacher_tail_draws(stratified):
   rep = lambda x: np.repeat(x, n, axis=0)  # noqa: E731
   tokens = batch["teacher_tokens"].reshape(b * n, t)
   mask = batch["teacher_mask"].reshape(b * n, t)
-  logits = models.forward(
+  logits = jax.jit(models.forward)(
     tiny_teacher(), rep(batch["inputs"]), rep(batch["input_mask"]), tokens, mask
   ).logits
   logp = _log_softmax64(logits)
@@ -222,7 +222,7 @@ def _stratified_batch(teacher, num_samples=3, top_k=h.K):
   if top_k == 0:
     batch["teacher_tail_logmass"] = np.zeros_like(batch["teacher_tail_logmass"])
   b, n, t = batch["teacher_tokens"].shape
-  logits = models.forward(
+  logits = h.forward(  # the program of make_batch's top-k: the same shapes
     teacher,
     np.repeat(batch["inputs"], n, 0),
     np.ones((b * n, h.S), np.float32),

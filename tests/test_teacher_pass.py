@@ -139,7 +139,7 @@ def test_records_agree_with_the_teacher(reference):
   rep = lambda x: np.repeat(x, n, axis=0)  # noqa: E731
   tokens = batch["teacher_tokens"].reshape(b * n, t)
   mask = batch["teacher_mask"].reshape(b * n, t)
-  logits = models.forward(
+  logits = jax.jit(models.forward)(
     model, rep(batch["inputs"]), rep(batch["input_mask"]), tokens, mask
   ).logits
   logits = np.asarray(logits, np.float64)
