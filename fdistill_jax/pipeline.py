@@ -144,8 +144,9 @@ def _score(graphdef, state, inputs, input_mask, tokens, mask):
   return models.score(nnx.merge(graphdef, state), inputs, input_mask, tokens, mask)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _decode(graphdef, sampler: decoding.ModelSampler, seed: int, state, inputs, input_mask, index):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode(graphdef, sampler: decoding.ModelSampler, seed, state, inputs, input_mask, index):
+  """`seed` is traced (int32 []), so each seed's evaluation reuses one compiled sampler."""
   keys = decoding.example_keys(jax.random.key(seed), index)
   return sampler(nnx.merge(graphdef, state), inputs, input_mask, keys)
 
@@ -202,7 +203,9 @@ def _decoder(model, sampler: decoding.ModelSampler, seed: int, cache: dict | Non
     key = tuple(index.tolist())
     if cache is not None and key in cache:
       return cache[key]
-    out = _decode(graphdef, sampler, seed, state, batch["inputs"], batch["input_mask"], index)
+    out = _decode(
+      graphdef, sampler, np.int32(seed), state, batch["inputs"], batch["input_mask"], index
+    )
     out = jax.tree.map(np.asarray, out)
     if cache is not None:
       cache[key] = out

@@ -3,11 +3,13 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from configs import default
-from fdistill_jax import pipeline
+from fdistill_jax import decoding, models, pipeline
+from tests import _train_helpers as h
 
 
 @pytest.mark.slow
@@ -67,3 +69,23 @@ def test_main_job_writes_table_json_and_plots(tmp_path):
   # A second run finds every stage finished and reuses the stored evaluations.
   again = pipeline.run(config, workdir)
   assert again == json.loads(json.dumps(rows))
+
+
+def test_evaluation_seeds_share_one_compiled_sampler():
+  """Each evaluation seed samples its own keys, from one compiled sampler (the seed is traced)."""
+  model = models.build_model(h.model_config(), rngs=0)
+  sampler = decoding.make_model_sampler("sample", max_len=5)
+  rng = np.random.default_rng(0)
+  batch = {
+    "inputs": rng.integers(3, h.V, (4, 6)).astype(np.int32),
+    "input_mask": np.ones((4, 6), np.float32),
+    "example_index": np.array([0, 1, 2, -1], np.int32),  # -1: a padding row
+  }
+  before = pipeline._decode._cache_size()
+  out = {seed: pipeline._decoder(model, sampler, seed)(batch) for seed in (3, 1003)}
+  assert pipeline._decode._cache_size() == before + 1
+  for seed, got in out.items():  # the keys a static seed gives, row by row
+    keys = decoding.example_keys(jax.random.key(seed), np.maximum(batch["example_index"], 0))
+    want = sampler(model, batch["inputs"], batch["input_mask"], keys)
+    np.testing.assert_array_equal(got.tokens, np.asarray(want.tokens))
+  assert not np.array_equal(out[3].tokens, out[1003].tokens)
