@@ -352,6 +352,8 @@ def test_model_sampler_logprobs_equal_teacher_forced_scores(preset):
   inputs = rng.integers(3, 60, size=(3, 6)).astype(np.int32)
   input_mask = np.ones((3, 6), np.float32)
   input_mask[1, 4:] = 0
+  # Jitted: eagerly, every operation of the model compiles for each of the two shapes.
+  score = jax.jit(models.score)
   for method, params in (("greedy", {}), ("sample", {"num_samples": 2})):
     sampler = decoding.make_model_sampler(method, max_len=8, **params)
     keys = decoding.example_keys(jax.random.key(0), jnp.arange(3))
@@ -359,8 +361,6 @@ def test_model_sampler_logprobs_equal_teacher_forced_scores(preset):
     n = result.tokens.shape[1]
     tokens = np.asarray(result.tokens).reshape(3 * n, -1)
     mask = (np.arange(8)[None] < np.asarray(result.lengths).reshape(-1, 1)).astype(np.float32)
-    # Jitted: eagerly, every operation of the model compiles for each of the two shapes.
-    score = jax.jit(models.score)
     scores = score(model, np.repeat(inputs, n, 0), np.repeat(input_mask, n, 0), tokens, mask)
     np.testing.assert_allclose(
       np.asarray(result.token_logprobs).reshape(3 * n, -1), np.asarray(scores), atol=1e-5

@@ -82,7 +82,7 @@ def test_stratified_records_hold_the_teacher_tail_draws(stratified):
   rep = lambda x: np.repeat(x, n, axis=0)  # noqa: E731
   tokens = batch["teacher_tokens"].reshape(b * n, t)
   mask = batch["teacher_mask"].reshape(b * n, t)
-  logits = jax.jit(models.forward)(
+  logits = h.forward(
     tiny_teacher(), rep(batch["inputs"]), rep(batch["input_mask"]), tokens, mask
   ).logits
   logp = _log_softmax64(logits)
