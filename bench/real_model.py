@@ -43,10 +43,17 @@ medians after warm-up; the PyTorch side runs with its faster thread count
   that), `time_s/decode_step/head`, and `time_s/decode_step/matmuls_bf16`
   (the same matmuls with bfloat16 weights). `train_mfu/<kl|js>` and
   `train_mfu/<kl|js>/torch` = model FLOPs of the step (`bench.roof.
-  train_flops`: 6 N per trained token, 2 N per forward-only token, N the
-  matmul parameters including the tied output head) / step time / matmul
-  rate, both sides against the same rate. Each target figure's note says
-  what meeting it would need (e.g. 2x PyTorch's step = 2x its MFU).
+  train_flops`: 6 N per trained token, 2 N per forward-only token; N the
+  layers' matmul parameters at every position and the tied output head only
+  at the target positions, whose logits the loss reads) / step time / matmul
+  rate, both sides against the same rate (the PyTorch side, as TRL, also
+  computes the head at the prompt positions; that work is not counted).
+  Where a step's time goes: `time_s/step_<kl|js>/matmuls` (its weight
+  matmuls alone, forward and backward, `bench.roof.train_parts`),
+  `step_<kl|js>_matmul_share` (that ÷ the step) and
+  `flops_per_s/step_<kl|js>_matmuls` (the model FLOPs ÷ that: XLA:CPU's
+  rate on the step's own shapes). Each target figure's note says what
+  meeting it would need.
 
 The PyTorch interpreter: `$FDISTILL_TORCH_PYTHON`, else the repository's
 `.venv-dev` / `.venv-bench`; without one the PyTorch figures are not measured
@@ -76,7 +83,7 @@ from flax import nnx  # noqa: E402
 from bench.decoding import cached_greedy  # noqa: E402
 from bench.loss_kernel import REPO, torch_python  # noqa: E402
 from bench.mfu import make_batch  # noqa: E402
-from bench.roof import machine_rates, step_parts, train_flops  # noqa: E402
+from bench.roof import machine_rates, step_parts, train_flops, train_parts  # noqa: E402
 from bench.train import make_step  # noqa: E402
 from configs.teacher_gguf import smollm2_gguf  # noqa: E402
 from fdistill_jax import models, sharding, teacher_pass, teacher_scoring, train_step  # noqa: E402
@@ -396,7 +403,7 @@ def run(args) -> dict:
         holder["state"], metrics = step(holder["state"], batch, tp)
         return metrics
 
-      model_flops = train_flops(name, scfg, tcfg, rows, s + t)
+      model_flops = train_flops(name, scfg, tcfg, rows, s, t)
       jax_mfu = model_flops / rates["flops"]
       if python is None:
         times = {"jax": common.time_fn(jax_step, warmup=args.warmup, repeats=repeats)}
@@ -404,6 +411,14 @@ def run(args) -> dict:
         times, _, final = _pair(
           f"step_{name}", jax_step, worker(f"step_{name}", "step.npz"), args, repeats, probes
         )
+      matmul_times = common.time_rotating(
+        train_parts(name, student, teacher, rows, s, t), warmup=args.warmup, repeats=repeats
+      )
+      matmuls_s = sum(matmul_times.values())
+      figures[f"time_s/step_{name}/matmuls"] = common.figure(matmuls_s, "s")
+      figures[f"step_{name}_matmul_share"] = common.figure(matmuls_s / times["jax"], "fraction")
+      figures[f"flops_per_s/step_{name}_matmuls"] = common.figure(model_flops / matmuls_s, "FLOP/s")
+      if python is not None:
         speedup = times["torch"] / times["jax"]
         torch_mfu = jax_mfu / times["torch"]
         figures[f"distill_step_speedup/{name}"] = common.figure(
@@ -411,7 +426,9 @@ def run(args) -> dict:
           "x",
           target=TARGET,
           better="higher",
-          note=f"{TARGET:g}x needs train_mfu {TARGET * torch_mfu:.2f} (PyTorch at {torch_mfu:.2f})",
+          note=f"{TARGET:g}x needs the step in {times['torch'] / TARGET:.2f} s; its weight "
+          f"matmuls alone take {matmuls_s:.2f} s here, at "
+          f"{model_flops / matmuls_s / rates['flops']:.2f} of the [2048]^2 matmul rate",
         )
         figures[f"time_s/step_{name}/torch"] = common.figure(times["torch"], "s")
         figures[f"train_mfu/{name}/torch"] = common.figure(torch_mfu, "fraction")

@@ -1,10 +1,15 @@
-"""The machine's roof and where a decode step's time goes, for bench.real_model.
+"""The machine's roof and where a decode or training step's time goes, for bench.real_model.
 
 * `machine_rates`: this device's float32 matmul rate (jitted `[n, n] @ [n, n]`)
   and read bandwidth (jitted sum of a 256 MiB float32 array), measured.
-* `matmul_params` / `train_flops`: model FLOPs of a training step (6 N per
-  trained token, 2 N per forward-only token, N the matmul parameters
-  including the output head), the same formula for both sides of a ratio.
+* `layer_params` / `train_flops`: model FLOPs of a training step, the same
+  formula for both sides of a ratio: 6 N per trained token and 2 N per
+  forward-only token, where N is the layers' matmul parameters at every
+  position (prompt and target) and the output head's [D, V] only at the
+  target positions, the only ones whose logits the loss reads.
+* `train_parts`: jitted pieces that run only a distillation step's weight
+  matmuls, forward and backward, at the step's row counts (see the
+  function), to split a measured step into its matmuls and the rest.
 * `step_parts`: jitted pieces of one decoder-only decode step, on the
   model's own weights, to split the measured step into its matmuls and the
   rest: `matmuls` runs only the step's weight matmuls at M = batch rows (per
@@ -41,23 +46,28 @@ def machine_rates(repeats: int) -> dict:
   return {"flops": 2.0 * MATMUL_N**3 / times["matmul"], "bandwidth": BANDWIDTH_BYTES / times["sum"]}
 
 
-def matmul_params(cfg) -> int:
-  """Parameters that take part in a matmul per token (layers + output head, not the lookup)."""
+def layer_params(cfg) -> int:
+  """Parameters of the layers' matmuls per token (not the head, not the lookup)."""
   d, f, h, kvh, dh = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-  per_layer = d * h * dh * 2 + d * kvh * dh * 2 + 3 * d * f
-  return cfg.num_layers * per_layer + d * cfg.vocab_size
+  return cfg.num_layers * (d * h * dh * 2 + d * kvh * dh * 2 + 3 * d * f)
 
 
-def train_flops(name: str, student_cfg, teacher_cfg, rows: int, seq: int) -> float:
+def _pass_flops(cfg, rows: int, prompt: int, target: int, per_param: int) -> float:
+  """per_param (2 forward, 6 forward + backward) x params x tokens of one pass over
+  `rows` sequences: the layers at prompt + target positions, the head at the targets."""
+  head = cfg.d_model * cfg.vocab_size
+  return per_param * rows * (layer_params(cfg) * (prompt + target) + head * target)
+
+
+def train_flops(name: str, student_cfg, teacher_cfg, rows: int, prompt: int, target: int) -> float:
   """Model FLOPs of one distillation step of objective `name` ("kl" or "js")
-  at `rows` sequences of `seq` tokens (prompt + target)."""
-  n_s, n_t = matmul_params(student_cfg), matmul_params(teacher_cfg)
-  if name == "kl":
-    return 6 * n_s * rows * seq  # student forward + backward on the teacher sequences y
+  at `rows` sequences of `prompt` + `target` tokens."""
+  if name == "kl":  # student forward + backward on the teacher sequences y
+    return _pass_flops(student_cfg, rows, prompt, target, 6)
   return (
-    6 * n_s * 2 * rows * seq  # student forward + backward on y and y'
-    + 2 * n_t * rows * seq  # teacher forward on y'
-    + 2 * n_s * rows * seq  # the student's sampling (prefill + steps)
+    _pass_flops(student_cfg, 2 * rows, prompt, target, 6)  # student on y and y'
+    + _pass_flops(teacher_cfg, rows, prompt, target, 2)  # teacher forward on y'
+    + _pass_flops(student_cfg, rows, prompt, target, 2)  # the student's sampling of y'
   )
 
 
@@ -83,14 +93,51 @@ def _dot(x, w):
   return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def _matmuls(layers, head, x):
-  """x [B, D] through every layer's weight matmuls and the head -> argmax [B]."""
+def _layer_chain(layers, x):
+  """x [M, D] through every layer's weight matmuls, each fed by the one before."""
   for wq, wk, wv, wo, wg, wu, wd in layers:
     q, k, v = _dot(x, wq), _dot(x, wk), _dot(x, wv)
     kv = jnp.sum(k, axis=-1, keepdims=True) + jnp.sum(v, axis=-1, keepdims=True)
     x = _rms(x + _dot(q + kv, wo))
     x = _rms(x + _dot(jax.nn.silu(_dot(x, wg)) * _dot(x, wu), wd))
-  return _head(head, x)
+  return x
+
+
+def _matmuls(layers, head, x):
+  """x [B, D] through every layer's weight matmuls and the head -> argmax [B]."""
+  return _head(head, _layer_chain(layers, x))
+
+
+def _logits(layers, head, x, head_rows):
+  """The layers on x [M, D] -> (their output [M, D], the head [V, D] on its first
+  head_rows rows [head_rows, V]); every row is returned, as a real step's
+  attention makes every position's output matter, so XLA cannot drop rows."""
+  h = _layer_chain(layers, x)
+  head_in = h[:head_rows].astype(head.dtype)
+  return h, jnp.einsum("bd,vd->bv", head_in, head, preferred_element_type=jnp.float32)
+
+
+def _train_matmuls(layers, head, x, cotangents):
+  """Forward and backward of `_logits` -> (logits, (d layers, d head, d x)) for
+  given random cotangents (of [M, D], of [head_rows, V]), so XLA cannot reduce
+  the backward's matmuls to sums; the logits are returned, as a loss reads
+  them, so their forward matmul is not dropped."""
+  rows = cotangents[1].shape[0]
+  (_, logits), vjp = jax.vjp(lambda ls, hd, x: _logits(ls, hd, x, rows), layers, head, x)
+  return logits, vjp(cotangents)
+
+
+def _sampling_matmuls(layers, head, prefill, x, steps):
+  """A sampler's weight matmuls: the prefill [B * S, D] through the layers, then
+  `steps` decode steps at x [B, D] through the layers and the head, each fed by
+  the one before."""
+  x = x + jnp.mean(_layer_chain(layers, prefill))
+
+  def step(x, _):
+    _, logits = _logits(layers, head, x, x.shape[0])
+    return _rms(x + jnp.max(logits, axis=-1, keepdims=True)), None
+
+  return jax.lax.scan(step, x, None, length=steps)[0]
 
 
 def _head(head, x):
@@ -99,17 +146,60 @@ def _head(head, x):
   return jnp.argmax(logits, axis=-1)
 
 
+def _weights(model, dtype=jnp.float32):
+  """(per-layer kernels, head [V, D] as the tied embedding is stored) in `dtype`."""
+  kernel, _ = models.output_head(model)
+  head = model.embed.embedding[...] if model.lm_head is None else kernel.T
+  return _layer_weights(model, dtype), head.astype(dtype)
+
+
 def step_parts(model, batch: int) -> dict:
   """Zero-argument callables {"matmuls", "matmuls_bf16", "head"} (see the module
   docstring) for a decoder-only `model`, at `batch` rows."""
   x = jax.random.normal(jax.random.key(0), (batch, model.config.d_model), jnp.float32)
-  kernel, _ = models.output_head(model)
-  head32 = model.embed.embedding[...] if model.lm_head is None else kernel.T  # [V, D]
-  w32, w16 = _layer_weights(model, jnp.float32), _layer_weights(model, jnp.bfloat16)
-  head16 = head32.astype(jnp.bfloat16)
+  (w32, head32), (w16, head16) = _weights(model), _weights(model, jnp.bfloat16)
   matmuls, head = jax.jit(_matmuls), jax.jit(_head)
   return {
     "matmuls": lambda: matmuls(w32, head32, x),
     "matmuls_bf16": lambda: matmuls(w16, head16, x),
     "head": lambda: head(head32, x),
   }
+
+
+def train_parts(name: str, student, teacher, rows: int, prompt: int, target: int) -> dict:
+  """Zero-argument callables whose times add up to the weight matmuls of one
+  distillation step of `name` ("kl" or "js"; decoder-only models), the rows and
+  positions `train_flops` counts:
+
+  * "student_train": the student's matmuls forward and backward on `rows`
+    sequences (kl: y) or 2 x `rows` (js: y and y'), the layers at every
+    position, the head at the target positions;
+  * js also "teacher_forward" (the teacher's matmuls forward on y') and
+    "student_sampling" (the student's prefill of the prompts, then `target`
+    decode steps at `rows` rows).
+
+  Only the matmuls (and an RMS rescale between them): what the step takes
+  beyond their sum is attention, norms, the loss, the optimizer and overhead.
+  """
+
+  def tokens(model, n):
+    return jax.random.normal(jax.random.key(n), (n, model.config.d_model), jnp.float32)
+
+  trained = rows if name == "kl" else 2 * rows
+  w, head = _weights(student)
+  x = tokens(student, trained * (prompt + target))
+  cotangents = (
+    1e-3 * jax.random.normal(jax.random.key(1), x.shape),
+    1e-3 * jax.random.normal(jax.random.key(2), (trained * target, head.shape[0])),
+  )
+  train = jax.jit(_train_matmuls)
+  parts = {"student_train": lambda: train(w, head, x, cotangents)}
+  if name == "js":
+    tw, thead = _weights(teacher)
+    tx = tokens(teacher, rows * (prompt + target))
+    forward = jax.jit(_logits, static_argnums=3)
+    sample = jax.jit(_sampling_matmuls, static_argnums=4)
+    prefill, first = tokens(student, rows * prompt), tokens(student, rows)
+    parts["teacher_forward"] = lambda: forward(tw, thead, tx, rows * target)
+    parts["student_sampling"] = lambda: sample(w, head, prefill, first, target)
+  return parts
