@@ -113,8 +113,7 @@ def _logits(layers, head, x, head_rows):
   head_rows rows [head_rows, V]); every row is returned, as a real step's
   attention makes every position's output matter, so XLA cannot drop rows."""
   h = _layer_chain(layers, x)
-  head_in = h[:head_rows].astype(head.dtype)
-  return h, jnp.einsum("bd,vd->bv", head_in, head, preferred_element_type=jnp.float32)
+  return h, _head_logits(head, h[:head_rows])
 
 
 def _train_matmuls(layers, head, x, cotangents):
@@ -140,10 +139,14 @@ def _sampling_matmuls(layers, head, prefill, x, steps):
   return jax.lax.scan(step, x, None, length=steps)[0]
 
 
+def _head_logits(head, x):
+  """head [V, D] (as the tied embedding is stored), x [B, D] -> x @ head.T [B, V] float32."""
+  return jnp.einsum("bd,vd->bv", x.astype(head.dtype), head, preferred_element_type=jnp.float32)
+
+
 def _head(head, x):
-  """head [V, D] (as the tied embedding is stored), x [B, D] -> argmax [B] of x @ head.T."""
-  logits = jnp.einsum("bd,vd->bv", x.astype(head.dtype), head, preferred_element_type=jnp.float32)
-  return jnp.argmax(logits, axis=-1)
+  """The argmax [B] of x @ head.T: the output head and the greedy choice."""
+  return jnp.argmax(_head_logits(head, x), axis=-1)
 
 
 def _weights(model, dtype=jnp.float32):
