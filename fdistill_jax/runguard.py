@@ -9,7 +9,8 @@ through the same four guards (docs/failure-modes.md):
   process dies, so a lock left by a killed run is recovered by the next
   start without any clean-up. Nested owners of one folder in one process
   (the pipeline and its stages) share the lock. Only process 0 of a
-  multi-process run locks: the workdir is shared, the job is one owner.
+  multi-process run locks (the workdir is shared, the job is one owner) and
+  tells the others whether it could, so every process stops together.
 * **Identity.** `check_identity` keeps `WORKDIR/run_identity.json`: the
   objective, model, data/records and the training fields that change the
   math. A run resuming checkpoints under another identity is refused with
@@ -118,17 +119,59 @@ def _lock_info(directory: str) -> str:
     return "another process"
 
 
+# What process 0 of a multi-process run tells the others about the lock.
+_LOCK_TAKEN, _LOCK_REFUSED, _LOCK_FAILED = 0, 1, 2
+
+
 @contextlib.contextmanager
 def workdir_lock(directory: str):
   """Holds the exclusive lock of `directory` (created if needed) for the block.
 
   Raises `WorkdirLocked` naming the holder when another live process has it.
   A remote folder (`gs://...`) or a read-only one cannot hold a lock file:
-  it is used unlocked, with a warning.
+  it is used unlocked, with a warning. With several processes, process 0
+  takes the lock and every process learns the outcome (a tiny all-gather):
+  all of them raise together, instead of the others going on into the run's
+  first collective and waiting there for a process 0 that has stopped.
   """
-  if "://" in directory or jax.process_index() != 0:
+  if "://" in directory:
     yield
     return
+  if jax.process_count() == 1:
+    with _process_lock(directory):
+      yield
+    return
+  with contextlib.ExitStack() as stack:
+    outcome, error = _LOCK_TAKEN, None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(_process_lock(directory))
+      except Exception as e:  # every process must reach the all-gather below
+        outcome, error = (_LOCK_REFUSED if isinstance(e, WorkdirLocked) else _LOCK_FAILED), e
+    outcome = _outcome_of_process_0(outcome)
+    if error is not None:
+      raise error
+    if outcome == _LOCK_REFUSED:
+      raise WorkdirLocked(
+        f"{directory} is in use: process 0 of this run found it locked (its log names the "
+        "holder); wait for it to finish or stop it, or use another --workdir"
+      )
+    if outcome == _LOCK_FAILED:
+      raise RuntimeError(f"process 0 of this run could not lock {directory}; its log says why")
+    yield
+
+
+def _outcome_of_process_0(outcome: int) -> int:
+  """Process 0's `outcome`, on every process (a collective: all processes call it)."""
+  from jax.experimental import multihost_utils
+
+  outcomes = multihost_utils.process_allgather(np.asarray([outcome], np.int32))
+  return int(np.asarray(outcomes).reshape(-1)[0])
+
+
+@contextlib.contextmanager
+def _process_lock(directory: str):
+  """`workdir_lock` for this process alone (see there)."""
   real = os.path.realpath(directory)
   if real in _HELD:
     _HELD[real][1] += 1

@@ -302,12 +302,33 @@ def _checkpoint_params(directory) -> tuple[int, dict]:
   return step, _flat(restored.state["params"])
 
 
+def _lock_worker(out_dir: str) -> None:
+  """Each process takes the workdir lock of OUT_DIR/held (another process holds it),
+  then of OUT_DIR/free, and writes what happened to OUT_DIR/lock_<process>.json."""
+  import jax
+
+  from fdistill_jax import distributed, runguard
+
+  distributed.initialize()
+  result = {}
+  for name in ("held", "free"):
+    try:
+      with runguard.workdir_lock(os.path.join(out_dir, name)):
+        result[name] = "entered"
+    except runguard.WorkdirLocked as e:
+      result[name] = f"refused: {e}"
+  with open(os.path.join(out_dir, f"lock_{jax.process_index()}.json"), "w") as f:
+    json.dump(result, f)
+  jax.distributed.shutdown()
+
+
 # Workers a test can start in several processes: `python tests/test_distributed.py
 # --worker NAME OUT_DIR` (NAME defaults to "collectives").
 WORKERS = {
   "collectives": _worker,
   "pipeline": _pipeline_worker,
   "pipeline_reference": _pipeline_reference_worker,
+  "lock": _lock_worker,
 }
 
 if __name__ == "__main__" and len(sys.argv) in (3, 4) and sys.argv[1] == "--worker":
@@ -426,6 +447,40 @@ def test_two_processes_match_one_process_and_numpy(tmp_path):
     np.testing.assert_allclose(single[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
     for out in multi:
       np.testing.assert_allclose(out[key], single[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+_HOLDER = """
+import sys, time
+from fdistill_jax import runguard
+with runguard.workdir_lock(sys.argv[1]):
+  print("held", flush=True)
+  time.sleep(600)
+"""
+
+
+def test_every_process_stops_when_process_0_finds_the_workdir_locked(tmp_path):
+  """Process 0 alone locks; the others must learn it was refused and stop too,
+  not go on into a collective that process 0 never reaches."""
+  (tmp_path / "held").mkdir()
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLDER, str(tmp_path / "held")],
+    env=_clean_env(1),
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    spawn_workers(tmp_path, num_processes=2, devices=1, worker="lock", timeout=120)
+  finally:
+    holder.kill()
+    holder.wait(timeout=60)
+  results = [json.loads((tmp_path / f"lock_{i}.json").read_text()) for i in range(2)]
+  held_by = f"refused: {tmp_path / 'held'} is in use by pid {holder.pid}"
+  assert results[0]["held"].startswith(held_by)
+  assert results[1]["held"].startswith(f"refused: {tmp_path / 'held'} is in use: process 0")
+  assert [r["free"] for r in results] == ["entered", "entered"]
+  with open(tmp_path / "free" / ".fdistill.lock") as f:
+    assert json.load(f)["pid"] != holder.pid  # process 0 wrote its own pid there
 
 
 def _write_inputs(base):
