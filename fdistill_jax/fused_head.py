@@ -70,6 +70,7 @@ def fused_divergence_loss(
   chunk_size: int = 512,
   vocab_chunk_size: int | None = None,
   impl: str = "custom_vjp",
+  head_layout: str = "dv",
   **params,
 ) -> tuple[Array, Array]:
   """Weighted sum of per-token D(teacher || student) with the head fused in.
@@ -81,7 +82,7 @@ def fused_divergence_loss(
   Args:
     name: registered divergence name (`kl`, `rkl`, `js`, `tvd`, ...).
     hidden: `[..., D]` student hidden states that the output head reads.
-    head_w: `[D, V]` output embedding.
+    head_w: `[D, V]` output embedding (`[V, D]` with head_layout="vd").
     head_scale: scalar multiplying the logits (`models.output_head`'s scale).
     weights: `[...]` float token weights (1 on real tokens); default all 1.
     teacher_topk / teacher_logits / teacher_hidden + teacher_head: the
@@ -93,6 +94,11 @@ def fused_divergence_loss(
       sharded batch axis stays sharded; lengths need not divide.
     vocab_chunk_size: if set, vocabulary block size for the online logsumexp.
     impl: "custom_vjp" or "checkpoint" (see the module docstring).
+    head_layout: "dv" (head_w `[D, V]`) or "vd" (head_w `[V, D]`, as a tied
+      embedding is stored, `models.output_head_as_stored`): the same values
+      and gradients (the head is used transposed inside each chunk), but the
+      gradient of a `[V, D]` parameter is accumulated in its own layout, with
+      no `[V, D]` transpose per step.
     **params: the divergence's parameters (`beta`, `alpha`).
 
   Returns:
@@ -100,13 +106,17 @@ def fused_divergence_loss(
   """
   if impl not in ("custom_vjp", "checkpoint"):
     raise ValueError(f"impl must be 'custom_vjp' or 'checkpoint', got {impl!r}")
+  if head_layout not in ("dv", "vd"):
+    raise ValueError(f"head_layout must be 'dv' or 'vd', got {head_layout!r}")
   if chunk_size < 1 or (vocab_chunk_size is not None and vocab_chunk_size < 1):
     raise ValueError(f"chunk sizes must be >= 1, got {chunk_size=}, {vocab_chunk_size=}")
   divergences.get(name).term(jnp.zeros(1), jnp.zeros(1), **params)  # validates params early
   lead, d_model = hidden.shape[:-1], hidden.shape[-1]
-  if head_w.ndim != 2 or head_w.shape[0] != d_model:
-    raise ValueError(f"head_w must be [D={d_model}, V], got {head_w.shape}")
-  vocab = head_w.shape[1]
+  axis = 0 if head_layout == "dv" else 1  # head_w's D axis
+  if head_w.ndim != 2 or head_w.shape[axis] != d_model:
+    expected = f"[D={d_model}, V]" if head_layout == "dv" else f"[V, D={d_model}]"
+    raise ValueError(f"head_w must be {expected} (head_layout={head_layout!r}), got {head_w.shape}")
+  vocab = head_w.shape[1 - axis]
   if weights is None:
     weights = jnp.ones(lead, jnp.float32)
   if weights.shape != lead:
@@ -157,6 +167,12 @@ def fused_divergence_loss(
     vocab_chunk_size=vocab_chunk_size,
     params=params,
   )
+  if head_layout == "vd":
+    dv_chunk_loss = chunk_loss
+
+    def chunk_loss(h, w, *rest):
+      return dv_chunk_loss(h, w.T, *rest)
+
   scale = jnp.asarray(head_scale, jnp.float32)
   if impl == "checkpoint":
     total = _scan_checkpoint(chunk_loss, to_chunks(hidden), head_w, scale, teacher_chunks, w_chunks)

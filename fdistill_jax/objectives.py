@@ -404,11 +404,13 @@ def fused_loss(
   sources: Mapping[str, FusedSource],
   head: tuple[Array, Any],
   chunk_size: int,
+  head_layout: str = "dv",
 ) -> tuple[Array, Metrics]:
   """The plan's loss from hidden states, with the student's output `head` (W, scale) fused in.
 
   No `[R, T, V]` logits exist (`fused_head.fused_divergence_loss`, `chunk_size`
-  tokens at a time); equal to `compute_loss` on the same rows.
+  tokens at a time); equal to `compute_loss` on the same rows. head_layout:
+  W's layout, "dv" ([D, V]) or "vd" ([V, D], `models.output_head_as_stored`).
   """
   if not plan.fused:
     raise ValueError(f"objective {plan.name!r}: some term has no fused form")
@@ -431,6 +433,7 @@ def fused_loss(
         src.mask,
         temperature=plan.config.temperature,
         chunk_size=chunk_size,
+        head_layout=head_layout,
         **teacher,
         **dict(params),
       )

@@ -231,7 +231,8 @@ def student_loss(parts: StepParts, params, rows: dict[str, Rows], teacher: dict,
         teacher_hidden=t.logits_or_hidden if t is not None else None,
         teacher_head=t.head if t is not None else None,
       )
-    return objectives.fused_loss(plan, fused, models.output_head(model), parts.fused_chunk_size)
+    w, scale, layout = models.output_head_as_stored(model)
+    return objectives.fused_loss(plan, fused, (w, scale), parts.fused_chunk_size, layout)
   logits = _split(out.logits, sizes)
   layers = [_split(h, sizes) for h in out.layer_hidden] if plan.hidden else None
   sources = {}

@@ -72,7 +72,14 @@ def _reference(name, x, form, hidden, w, scale, **params):
 
 
 def _check(
-  name, form, chunk_size=4, vocab_chunk_size=None, impl="custom_vjp", masked_vocab=False, **params
+  name,
+  form,
+  chunk_size=4,
+  vocab_chunk_size=None,
+  impl="custom_vjp",
+  masked_vocab=False,
+  head_layout="dv",
+  **params,
 ):
   x = _inputs(masked_vocab=masked_vocab)
   teacher = _teacher_kwargs(x, form)
@@ -81,12 +88,13 @@ def _check(
     return fused_head.fused_divergence_loss(
       name,
       hidden,
-      w,
+      w.T if head_layout == "vd" else w,  # "vd": the head as a tied embedding is stored
       scale,
       x["weights"],
       chunk_size=chunk_size,
       vocab_chunk_size=vocab_chunk_size,
       impl=impl,
+      head_layout=head_layout,
       **teacher,
       **params,
     )
@@ -142,6 +150,20 @@ def test_checkpoint_impl_matches_unfused(name, form):
 def test_vocab_blocks_match_unfused(name, form, impl):
   # 16 does not divide V = 50: the last block is padded.
   _check(name, form, chunk_size=8, vocab_chunk_size=16, impl=impl)
+
+
+@pytest.mark.parametrize(
+  "name,form,impl,vocab_chunk_size",
+  [
+    ("kl", "topk", "custom_vjp", None),
+    ("js", "hidden", "custom_vjp", None),
+    ("js", "hidden", "checkpoint", None),
+    ("kl", "topk", "custom_vjp", 16),
+  ],
+)
+def test_head_stored_vocabulary_first_matches_unfused(name, form, impl, vocab_chunk_size):
+  # head_layout="vd": W [V, D], as the tied embedding is stored (the trainer's form).
+  _check(name, form, chunk_size=8, vocab_chunk_size=vocab_chunk_size, impl=impl, head_layout="vd")
 
 
 @pytest.mark.parametrize("name,params", [("js", {"beta": 0.85}), ("alpha", {"alpha": 0.3})])
@@ -223,6 +245,14 @@ def test_rejects_bad_inputs():
     fused_head.fused_divergence_loss("kl", x["hidden"], x["w"])
   with pytest.raises(ValueError, match="head_w must be"):
     fused_head.fused_divergence_loss("kl", x["hidden"], x["w"].T, teacher_topk=x["topk"])
+  with pytest.raises(ValueError, match=r"head_w must be \[V, D=.*head_layout='vd'"):
+    fused_head.fused_divergence_loss(
+      "kl", x["hidden"], x["w"], teacher_topk=x["topk"], head_layout="vd"
+    )
+  with pytest.raises(ValueError, match="head_layout must be"):
+    fused_head.fused_divergence_loss(
+      "kl", x["hidden"], x["w"], teacher_topk=x["topk"], head_layout="VD"
+    )
   with pytest.raises(ValueError, match="unknown divergence"):
     fused_head.fused_divergence_loss("nope", x["hidden"], x["w"], teacher_topk=x["topk"])
   with pytest.raises(ValueError, match="beta"):

@@ -58,6 +58,17 @@ def output_head(model: Model):
   return model.head()
 
 
+def output_head_as_stored(model: Model):
+  """(W, scale, layout): the output head as its parameter is stored, for a loss
+  that differentiates it (`fused_head`'s head_layout): "dv" with W [D, V] (an
+  untied lm_head), "vd" with W [V, D] (the tied embedding, = `output_head`'s
+  W transposed), so its gradient needs no transpose of a [V, D] array."""
+  w, scale = model.head()
+  if model.lm_head is None:
+    return model.embed.embedding[...], scale, "vd"
+  return w, scale, "dv"
+
+
 def score(model: Model, inputs, input_mask, targets, target_mask):
   """Per-token log-probs [B, T] float32 of `targets` (0 where target_mask is 0)."""
   logits = forward(model, inputs, input_mask, targets, target_mask).logits
