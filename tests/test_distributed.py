@@ -449,13 +449,7 @@ def test_two_processes_match_one_process_and_numpy(tmp_path):
       np.testing.assert_allclose(out[key], single[key], rtol=1e-6, atol=1e-6, err_msg=key)
 
 
-_HOLDER = """
-import sys, time
-from fdistill_jax import runguard
-with runguard.workdir_lock(sys.argv[1]):
-  print("held", flush=True)
-  time.sleep(600)
-"""
+HOLD_LOCK = os.path.join(REPO, "tests", "hold_workdir_lock.py")  # holds a workdir lock
 
 
 def test_every_process_stops_when_process_0_finds_the_workdir_locked(tmp_path):
@@ -463,7 +457,7 @@ def test_every_process_stops_when_process_0_finds_the_workdir_locked(tmp_path):
   not go on into a collective that process 0 never reaches."""
   (tmp_path / "held").mkdir()
   holder = subprocess.Popen(
-    [sys.executable, "-c", _HOLDER, str(tmp_path / "held")],
+    [sys.executable, HOLD_LOCK, str(tmp_path / "held")],
     env=_clean_env(1),
     stdout=subprocess.PIPE,
     text=True,

@@ -249,13 +249,7 @@ def test_identity_diff_names_nested_leaves():
 # Point 4: one process per workdir.
 # ---------------------------------------------------------------------------
 
-_HOLDER = """
-import sys, time
-from fdistill_jax import runguard
-with runguard.workdir_lock(sys.argv[1]):
-  print("held", flush=True)
-  time.sleep(600)
-"""
+HOLD_LOCK = os.path.join(REPO, "tests", "hold_workdir_lock.py")  # holds a workdir lock
 
 
 def test_a_second_process_is_refused_and_a_killed_ones_lock_is_recovered(tmp_path):
@@ -264,7 +258,7 @@ def test_a_second_process_is_refused_and_a_killed_ones_lock_is_recovered(tmp_pat
   in_progress = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000"
   in_progress.mkdir(parents=True)
   holder = subprocess.Popen(
-    [sys.executable, "-c", _HOLDER, workdir], env=_child_env(), stdout=subprocess.PIPE, text=True
+    [sys.executable, HOLD_LOCK, workdir], env=_child_env(), stdout=subprocess.PIPE, text=True
   )
   try:
     assert holder.stdout.readline().strip() == "held"
