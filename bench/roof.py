@@ -151,8 +151,8 @@ def _head(head, x):
 
 def _weights(model, dtype=jnp.float32):
   """(per-layer kernels, head [V, D] as the tied embedding is stored) in `dtype`."""
-  kernel, _ = models.output_head(model)
-  head = model.embed.embedding[...] if model.lm_head is None else kernel.T
+  w, _, layout = models.output_head_as_stored(model)
+  head = w if layout == "vd" else w.T
   return _layer_weights(model, dtype), head.astype(dtype)
 
 
